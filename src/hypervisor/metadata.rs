@@ -1,0 +1,137 @@
+//! hatchery's record inside each domain it defines: the job's identity and how far it got, so
+//! that a redelivered job, a deprovision request or the reconciler can find everything hatchery
+//! made from libvirt alone.
+
+use std::str::FromStr;
+
+use uuid::Uuid;
+
+use super::xml::Element;
+use crate::job::BatchRef;
+use crate::stages::StageKind;
+
+/// The XML namespace of hatchery's `<metadata>` element. Its presence marks a domain as
+/// hatchery's; nothing without it is ever modified or removed.
+pub const NAMESPACE: &str = "https://hatchery.dev/xmlns/job/1";
+
+/// The prefix the element carries in the domain XML (libvirt returns it without).
+pub const PREFIX: &str = "hatchery";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobMetadata {
+    pub job_id: Uuid,
+    pub batch: Option<BatchRef>,
+    /// How many times a worker has started on this job, this one included.
+    pub attempt: u32,
+    /// The last stage that completed.
+    pub stage: Option<StageKind>,
+    pub base_sha256: Option<String>,
+    pub overlay_pool: String,
+    pub overlay_volume: String,
+    /// When the domain was last started, in seconds since the epoch; leases older than this
+    /// belong to an earlier guest.
+    pub started_at: Option<i64>,
+}
+
+impl JobMetadata {
+    /// The element as it appears inside `<metadata>` at define time.
+    pub fn to_element(&self) -> Element {
+        self.build(true).attr("xmlns:hatchery", NAMESPACE)
+    }
+
+    /// The XML `virDomainSetMetadata` takes: the element without prefix or namespace, which
+    /// libvirt adds from the key and URI it is given.
+    pub fn to_xml(&self) -> String {
+        self.build(false).render()
+    }
+
+    fn build(&self, prefixed: bool) -> Element {
+        // Element names are static: pick the prefixed or bare spelling of each.
+        let name = |with: &'static str| if prefixed { with } else { &with[PREFIX.len() + 1..] };
+        let mut el = Element::new(name("hatchery:job"))
+            .child(Element::leaf(name("hatchery:id"), self.job_id))
+            .child(Element::leaf(name("hatchery:attempt"), self.attempt))
+            .child(
+                Element::new(name("hatchery:overlay"))
+                    .attr("pool", &self.overlay_pool)
+                    .attr("volume", &self.overlay_volume),
+            );
+        if let Some(batch) = &self.batch {
+            el = el.child(
+                Element::new(name("hatchery:batch")).attr("id", &batch.id).attr("size", batch.size),
+            );
+        }
+        if let Some(stage) = self.stage {
+            el = el.child(Element::leaf(name("hatchery:stage"), stage.as_str()));
+        }
+        if let Some(digest) = &self.base_sha256 {
+            el = el.child(Element::leaf(name("hatchery:base-sha256"), digest));
+        }
+        if let Some(at) = self.started_at {
+            el = el.child(Element::leaf(name("hatchery:started-at"), at));
+        }
+        el
+    }
+
+    /// Parses the element `virDomainGetMetadata` returns.
+    pub fn parse(xml: &str) -> Result<Self, MetadataError> {
+        let doc = roxmltree::Document::parse(xml).map_err(MetadataError::NotXml)?;
+        let root = doc.root_element();
+        let child = |name: &str| root.children().find(|n| n.tag_name().name() == name);
+        let text = |name: &str| child(name).and_then(|n| n.text()).map(str::trim);
+
+        let job_id = text("id")
+            .and_then(|t| Uuid::parse_str(t).ok())
+            .ok_or(MetadataError::Missing("id"))?;
+        let attempt = text("attempt").and_then(|t| t.parse().ok()).unwrap_or(1);
+        let overlay = child("overlay").ok_or(MetadataError::Missing("overlay"))?;
+        let batch = child("batch").and_then(|b| {
+            Some(BatchRef { id: b.attribute("id")?.to_owned(), size: b.attribute("size")?.parse().ok()? })
+        });
+
+        Ok(Self {
+            job_id,
+            batch,
+            attempt,
+            stage: text("stage").and_then(|t| StageKind::from_str(t).ok()),
+            base_sha256: text("base-sha256").map(str::to_owned),
+            overlay_pool: overlay.attribute("pool").ok_or(MetadataError::Missing("pool"))?.into(),
+            overlay_volume: overlay
+                .attribute("volume")
+                .ok_or(MetadataError::Missing("volume"))?
+                .into(),
+            started_at: text("started-at").and_then(|t| t.parse().ok()),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("hatchery metadata is not XML")]
+    NotXml(#[source] roxmltree::Error),
+    #[error("hatchery metadata lacks `{0}`")]
+    Missing(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_xml_without_the_prefix() {
+        let meta = JobMetadata {
+            job_id: Uuid::new_v4(),
+            batch: Some(BatchRef { id: "b1".into(), size: 3 }),
+            attempt: 2,
+            stage: Some(StageKind::Domain),
+            base_sha256: Some("ab".repeat(32)),
+            overlay_pool: "default".into(),
+            overlay_volume: "vm.qcow2".into(),
+            started_at: Some(1_700_000_000),
+        };
+        // libvirt hands the element back with a default namespace instead of the prefix.
+        assert_eq!(JobMetadata::parse(&meta.to_xml()).expect("parses"), meta);
+        let defined = meta.to_element().render();
+        assert_eq!(JobMetadata::parse(&defined).expect("parses"), meta);
+    }
+}

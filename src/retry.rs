@@ -1,0 +1,76 @@
+//! Retry timing: exponential backoff with full jitter, bounded by attempts and elapsed time.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+/// How a stage retries a transient failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// No retry starts after this much time has passed since the first attempt.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(15),
+            max_attempts: 6,
+            max_elapsed: Duration::from_secs(180),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delays between attempts: each drawn uniformly from zero up to the exponential
+    /// ceiling ("full jitter"), so that workers retrying the same failure spread out.
+    pub fn delays(&self) -> Delays {
+        let ceilings = ExponentialBuilder::default()
+            .with_min_delay(self.initial_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
+            .build();
+        Delays { ceilings: Box::new(ceilings) }
+    }
+}
+
+/// The delay before each retry; ends when the attempts are used up.
+pub struct Delays {
+    ceilings: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl Iterator for Delays {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let ceiling = self.ceilings.next()?;
+        Some(ceiling.mul_f64(fastrand::f64()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_stay_under_the_ceiling_and_stop_after_the_attempts() {
+        let policy = RetryPolicy {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(400),
+            max_attempts: 5,
+            max_elapsed: Duration::from_secs(60),
+        };
+        let delays: Vec<Duration> = policy.delays().collect();
+        assert_eq!(delays.len(), 4);
+        let ceilings = [100, 200, 400, 400];
+        for (delay, ceiling) in delays.iter().zip(ceilings) {
+            assert!(*delay <= Duration::from_millis(ceiling), "{delay:?} above {ceiling} ms");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Stage 2: define the domain on the overlay, with hatchery's metadata inside, and start it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info, warn};
+use virt::sys;
+
+use super::{JobRun, Refusal, Stage, StageError, StageKind};
+use crate::hypervisor::metadata::{self, JobMetadata};
+use crate::hypervisor::xml::{self, DomainSpec, KernelXml, NicXml};
+use crate::hypervisor::{Op, inspect};
+use crate::job::ConsoleKind;
+use crate::settings::Settings;
+
+pub struct Domain;
+
+impl Stage for Domain {
+    const KIND: StageKind = StageKind::Domain;
+
+    async fn run(cx: &mut JobRun) -> Result<(), StageError> {
+        let name = cx.job.vm_name().to_owned();
+        let found = read_metadata(cx, &name).await?;
+
+        let mut meta = match found {
+            Some(Some(meta)) if meta.job_id == cx.job.id => {
+                debug!(domain = %name, "domain already defined by this job; adopting it");
+                meta
+            }
+            Some(_) => return Err(Refusal::DomainTaken { name }.into()),
+            None => define(cx, &name).await?,
+        };
+
+        // Start it unless an earlier attempt already did; record when, so that the address
+        // stage can tell this boot's lease from a stale one.
+        let n = name.clone();
+        let op = Op::StartDomain { name: name.clone() };
+        let started = cx
+            .hv
+            .call(op, move |conn| {
+                let dom = conn.lookup_domain_by_name(&n)?;
+                if dom.is_active()? {
+                    return Ok(false);
+                }
+                dom.create().map(|_| true)
+            })
+            .await?;
+        if started || meta.started_at.is_none() {
+            meta.started_at = Some(now_secs());
+        }
+        meta.attempt = cx.attempt;
+        meta.stage = Some(StageKind::Domain);
+        write_metadata(cx, &name, &meta).await?;
+
+        let n = name.clone();
+        let op = Op::ReadDomain { name: name.clone() };
+        let (uuid, xml) = cx
+            .hv
+            .call(op, move |conn| {
+                let dom = conn.lookup_domain_by_name(&n)?;
+                Ok((dom.uuid()?, dom.xml_desc(0)?))
+            })
+            .await?;
+        let facts = inspect::domain(&xml)?;
+
+        info!(domain = %name, domain_uuid = %uuid, started, "domain running");
+        tracing::Span::current().record("domain_uuid", tracing::field::display(uuid));
+        cx.facts.domain_name = Some(name);
+        cx.facts.domain_uuid = Some(uuid);
+        cx.facts.macs = facts.macs;
+        cx.facts.started_at = meta.started_at;
+        Ok(())
+    }
+
+    async fn undo(cx: &JobRun) -> Result<(), StageError> {
+        let name = cx.job.vm_name().to_owned();
+        match read_metadata(cx, &name).await? {
+            Some(Some(meta)) if meta.job_id == cx.job.id => remove(cx, &name).await,
+            Some(_) => {
+                warn!(domain = %name, "domain belongs to another job; rollback leaves it alone");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn default_timeout(settings: &Settings) -> Duration {
+        settings.timeouts.domain
+    }
+}
+
+/// Reads hatchery's metadata from domain `name`: `None` when there is no such domain,
+/// `Some(None)` when it exists but is not hatchery's.
+pub async fn read_metadata(
+    cx: &JobRun,
+    name: &str,
+) -> Result<Option<Option<JobMetadata>>, StageError> {
+    let n = name.to_owned();
+    let op = Op::ReadDomain { name: name.to_owned() };
+    let raw = cx
+        .hv
+        .call(op, move |conn| {
+            let dom = match conn.lookup_domain_by_name(&n) {
+                Ok(dom) => dom,
+                Err(e) if is_no_domain(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+            match dom.metadata(kind, Some(metadata::NAMESPACE), 0) {
+                Ok(xml) => Ok(Some(Some(xml))),
+                Err(e) if is_no_metadata(&e) => Ok(Some(None)),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+    Ok(match raw {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(xml)) => Some(Some(JobMetadata::parse(&xml)?)),
+    })
+}
+
+/// Replaces hatchery's metadata on domain `name`, in its persistent config and, when it runs,
+/// its live state.
+pub async fn write_metadata(cx: &JobRun, name: &str, meta: &JobMetadata) -> Result<(), StageError> {
+    let (n, doc) = (name.to_owned(), meta.to_xml());
+    let op = Op::WriteMetadata { name: name.to_owned() };
+    cx.hv
+        .call(op, move |conn| {
+            let dom = conn.lookup_domain_by_name(&n)?;
+            let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if dom.is_active()? {
+                flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+            let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+            let (key, uri) = (Some(metadata::PREFIX), Some(metadata::NAMESPACE));
+            dom.set_metadata(kind, Some(&doc), key, uri, flags)
+        })
+        .await?;
+    Ok(())
+}
+
+async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
+    let overlay = cx.facts.overlay.clone().expect("the overlay stage runs before this one");
+    let vm = &cx.spec().vm;
+    let meta = JobMetadata {
+        job_id: cx.job.id,
+        batch: cx.job.batch.clone(),
+        attempt: cx.attempt,
+        stage: Some(StageKind::Overlay),
+        base_sha256: overlay.base_sha256.clone(),
+        overlay_pool: overlay.pool.clone(),
+        overlay_volume: overlay.volume.clone(),
+        started_at: None,
+    };
+
+    let console = vm.console.as_ref();
+    let spec = DomainSpec {
+        name: name.to_owned(),
+        domain_type: vm.domain_type,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_path: overlay.path.clone(),
+        nics: (vm.nics.iter().enumerate())
+            .map(|(i, nic)| NicXml {
+                attach: nic.attach.clone(),
+                model: nic.model.clone(),
+                mac: cx.mac(i),
+            })
+            .collect(),
+        console: console.map_or(ConsoleKind::Vnc, |c| c.kind),
+        console_listen: console.and_then(|c| c.listen).unwrap_or(cx.settings.console_listen),
+        kernel: vm.boot.as_ref().map(|b| KernelXml {
+            kernel: b.kernel.clone(),
+            initrd: b.initrd.clone(),
+            cmdline: b.cmdline.clone(),
+        }),
+        serial_log: cx.settings.serial_log_dir.as_ref().map(|d| format!("{d}/{name}-serial.log")),
+        metadata: meta.to_element(),
+    };
+
+    let doc = xml::domain(&spec);
+    let op = Op::DefineDomain { name: name.to_owned() };
+    cx.hv.call(op, move |conn| conn.define_domain_xml(&doc).map(|_| ())).await?;
+    info!(domain = %name, "domain defined");
+    Ok(meta)
+}
+
+/// Destroys and undefines domain `name`. The caller has checked that it is this job's.
+pub async fn remove(cx: &JobRun, name: &str) -> Result<(), StageError> {
+    destroy(cx, name).await?;
+    undefine(cx, name).await
+}
+
+/// Stops domain `name` if it runs.
+pub async fn destroy(cx: &JobRun, name: &str) -> Result<(), StageError> {
+    let n = name.to_owned();
+    let op = Op::DestroyDomain { name: name.to_owned() };
+    let destroyed = cx
+        .hv
+        .call(op, move |conn| {
+            let dom = conn.lookup_domain_by_name(&n)?;
+            if !dom.is_active()? {
+                return Ok(false);
+            }
+            dom.destroy().map(|()| true)
+        })
+        .await;
+    match destroyed {
+        Ok(true) => info!(domain = %name, "domain destroyed"),
+        Ok(false) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// Removes domain `name`'s definition, if it is still there.
+pub async fn undefine(cx: &JobRun, name: &str) -> Result<(), StageError> {
+    let n = name.to_owned();
+    let op = Op::UndefineDomain { name: name.to_owned() };
+    let undefined = cx.hv.call(op, move |conn| {
+        let dom = conn.lookup_domain_by_name(&n)?;
+        // NVRAM goes too where the driver supports the flag; the test driver does not.
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM).or_else(|_| dom.undefine())
+    });
+    match undefined.await {
+        Ok(()) => info!(domain = %name, "domain undefined"),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(Result::from(e.code()), Ok(virt::error::ErrorNumber::NoDomain))
+}
+
+fn is_no_metadata(e: &virt::error::Error) -> bool {
+    matches!(Result::from(e.code()), Ok(virt::error::ErrorNumber::NoDomainMetadata))
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,101 @@
+//! Stage 4: log in to the guest over SSH, run the job's finish script once, collect its result.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracing::info;
+
+use super::{JobRun, Refusal, Stage, StageError, StageKind, blocking};
+use crate::guest::{self, FinishScript, SshAuth, SshTarget};
+use crate::job::{Credential, FinishSpec};
+use crate::secret::Secret;
+use crate::settings::Settings;
+
+pub struct Finish;
+
+impl Stage for Finish {
+    const KIND: StageKind = StageKind::Finish;
+
+    async fn run(cx: &mut JobRun) -> Result<(), StageError> {
+        let Some(spec) = cx.spec().finish.clone() else {
+            return Ok(());
+        };
+        let addr = cx.facts.address.expect("the address stage runs before this one");
+        refuse_made_up_address(cx, addr)?;
+
+        let target = SshTarget {
+            addr,
+            user: spec.user.clone(),
+            auth: credential(cx, &spec)?,
+            pinned_host_key: spec.host_key.clone(),
+        };
+        let job_id = cx.job.id;
+        let tail_bytes = cx.settings.limits.output_tail_bytes;
+        let sudo = spec.sudo && spec.user != "root";
+        let deadline = cx.deadline.into_std();
+        let cancel = cx.cancel.clone();
+
+        // ssh2 blocks, so the whole exchange runs on the blocking pool; cancellation reaches it
+        // through the token, which its polling loops check.
+        let outcome = blocking(move || {
+            guest::wait_for_sshd(addr, deadline, &cancel)?;
+            let script = FinishScript {
+                job_id,
+                body: &spec.script,
+                timeout: spec.timeout(),
+                sudo,
+                tail_bytes,
+            };
+            guest::run_finish(&target, &script, &cancel)
+        })
+        .await?;
+
+        let code = outcome.exit_code;
+        info!(
+            exit_code = code,
+            host_key = %outcome.host_key_fingerprint,
+            resumed = outcome.resumed,
+            "finish script done"
+        );
+        cx.facts.finish = Some(outcome);
+        if code != 0 {
+            return Err(StageError::ScriptFailed { code });
+        }
+        Ok(())
+    }
+
+    async fn undo(_cx: &JobRun) -> Result<(), StageError> {
+        // The script's directory is removed by the run itself; the guest goes with the domain.
+        Ok(())
+    }
+
+    fn default_timeout(settings: &Settings) -> Duration {
+        settings.timeouts.finish_connect
+    }
+}
+
+/// libvirt's test driver invents guest addresses from its network's range. Connecting to one
+/// would reach whatever host really has it, so only loopback ones (a test's own sshd) are used.
+fn refuse_made_up_address(cx: &JobRun, addr: SocketAddr) -> Result<(), Refusal> {
+    let test_driver = cx.hv.uri().starts_with("test:");
+    let given = matches!(cx.spec().address, crate::job::AddressSource::Static { .. });
+    if test_driver && !given && !addr.ip().is_loopback() {
+        return Err(Refusal::MadeUpAddress { uri: cx.hv.uri().to_owned(), ip: addr.ip() });
+    }
+    Ok(())
+}
+
+fn credential(cx: &JobRun, spec: &FinishSpec) -> Result<SshAuth, StageError> {
+    Ok(match &spec.credential {
+        Credential::Password(p) => SshAuth::Password(p.clone()),
+        Credential::PrivateKey(k) => SshAuth::PrivateKey { key: k.clone(), passphrase: None },
+        Credential::KeyName(name) => {
+            let dir = (cx.settings.key_dir.as_ref())
+                .ok_or_else(|| Refusal::NoKeyDirectory(name.clone()))?;
+            // Validation keeps `name` to [A-Za-z0-9._-] without "..", so it stays in `dir`.
+            let text = std::fs::read_to_string(dir.join(name))
+                .map_err(|source| StageError::ReadKey { name: name.clone(), source })?;
+            SshAuth::PrivateKey { key: Secret::new(text), passphrase: None }
+        }
+    })
+}
