@@ -1,0 +1,296 @@
+//! A real OpenSSH server on 127.0.0.1 for tests, with its own host key, config and users.
+//!
+//! Needs root (to run `sshd` and create users) and the `openssh-server`, `openssh-client`
+//! (`ssh-keygen`), `passwd` (`useradd`, `chpasswd`) and `sudo` packages. Creates, once, the
+//! local users [`PASSWORD_USER`] (password login, sudo asking for the password) and
+//! [`KEY_USER`] (key login, sudo without password); they stay on the machine, which is meant
+//! to be a throwaway CI container.
+#![allow(
+    dead_code,
+    reason = "each test binary uses only some of the shared helpers"
+)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A non-root user that logs in with [`PASSWORD`] and may sudo after giving it.
+pub const PASSWORD_USER: &str = "hatchery-pw";
+/// The password of [`PASSWORD_USER`]. Only ever valid on a test machine.
+pub const PASSWORD: &str = "correct horse battery staple";
+/// A non-root user that logs in with a key and may sudo without a password.
+pub const KEY_USER: &str = "hatchery-key";
+
+const SUDOERS_FILE: &str = "/etc/sudoers.d/hatchery-tests";
+/// How long sshd gets to start answering before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which ways of logging in the server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    /// `password` and `publickey`; PAM off.
+    PasswordAndKey,
+    /// `keyboard-interactive` (through PAM) and `publickey`; no `password` method.
+    KeyboardInteractive,
+}
+
+/// A running `sshd -D`, killed when dropped.
+pub struct Sshd {
+    child: Child,
+    addr: SocketAddr,
+    dir: TempDir,
+    host_key_fingerprint: String,
+}
+
+impl Sshd {
+    /// Starts a server accepting passwords and keys.
+    pub fn start() -> Self {
+        Self::start_with(Login::PasswordAndKey)
+    }
+
+    pub fn start_with(login: Login) -> Self {
+        ensure_test_users();
+        let dir = tempfile::Builder::new()
+            .prefix("hatchery-sshd-")
+            .tempdir()
+            .unwrap();
+        // sshd reads authorized_keys as the logging-in user: they must reach the file.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(dir.path().join("authorized_keys"), "").unwrap();
+        let host_key = dir.path().join("host_ed25519");
+        run(
+            "ssh-keygen",
+            &["-q", "-t", "ed25519", "-N", "", "-f", path_str(&host_key)],
+        );
+        let host_key_fingerprint = fingerprint_of(&host_key.with_extension("pub"));
+        // sshd refuses to start without its privilege separation directory.
+        fs::create_dir_all("/run/sshd").unwrap();
+
+        // Another test may grab the port between our probe and sshd's bind: try again then.
+        let log_path = dir.path().join("sshd.log");
+        for _ in 0..10 {
+            let port = free_port();
+            let config = write_config(dir.path(), port, login);
+            let log = fs::File::create(&log_path).unwrap();
+            let mut child = Command::new("/usr/sbin/sshd")
+                .args(["-D", "-e", "-f", path_str(&config)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("run /usr/sbin/sshd (package openssh-server)");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            match wait_ready(&mut child, addr, &log_path) {
+                Ok(()) => {
+                    return Sshd {
+                        child,
+                        addr,
+                        dir,
+                        host_key_fingerprint,
+                    };
+                }
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("sshd did not start:\n{log}"),
+            }
+        }
+        panic!("sshd found no free port in ten tries");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The host key's fingerprint as `ssh-keygen -l -E sha256` prints it.
+    pub fn host_key_fingerprint(&self) -> &str {
+        &self.host_key_fingerprint
+    }
+
+    /// Lets the holder of `public_key` (an OpenSSH `.pub` line) log in as any user.
+    pub fn authorize(&self, public_key: &str) {
+        let path = self.dir.path().join("authorized_keys");
+        let mut keys = fs::read_to_string(&path).unwrap();
+        keys.push_str(public_key.trim());
+        keys.push('\n');
+        fs::write(path, keys).unwrap();
+    }
+
+    /// What sshd logged so far; for failure messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A key pair made by `ssh-keygen`, as file contents.
+pub struct KeyPair {
+    pub private: String,
+    pub public: String,
+}
+
+/// Generates a key pair: `kind` is `ed25519` or `rsa`; an empty passphrase leaves it clear.
+pub fn generate_key(kind: &str, passphrase: &str) -> KeyPair {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    let mut args = vec!["-q", "-t", kind, "-N", passphrase, "-C", "hatchery-test"];
+    if kind == "rsa" {
+        args.extend(["-b", "3072"]);
+    }
+    args.extend(["-f", path_str(&path)]);
+    run("ssh-keygen", &args);
+    KeyPair {
+        private: fs::read_to_string(&path).unwrap(),
+        public: fs::read_to_string(path.with_extension("pub")).unwrap(),
+    }
+}
+
+/// The fingerprint of a key that no server here uses; a wrong pin.
+pub fn fingerprint_of_new_key() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    run(
+        "ssh-keygen",
+        &["-q", "-t", "ed25519", "-N", "", "-f", path_str(&path)],
+    );
+    fingerprint_of(&path.with_extension("pub"))
+}
+
+/// Creates the test users and their sudo rules, once per test binary; tolerates other test
+/// binaries having done it already.
+pub fn ensure_test_users() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for user in [PASSWORD_USER, KEY_USER] {
+            let status = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/sh", user])
+                .stderr(Stdio::null())
+                .status()
+                .expect("run useradd (package passwd)");
+            // 9: the user exists already, from an earlier run.
+            assert!(
+                status.success() || status.code() == Some(9),
+                "useradd {user}: {status}"
+            );
+        }
+        let mut chpasswd = Command::new("chpasswd")
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let line = format!("{PASSWORD_USER}:{PASSWORD}\n");
+        std::io::Write::write_all(chpasswd.stdin.as_mut().unwrap(), line.as_bytes()).unwrap();
+        drop(chpasswd.stdin.take());
+        assert!(chpasswd.wait().unwrap().success(), "chpasswd failed");
+        // The key user needs a usable (not locked) account, but never logs in by password.
+        run("usermod", &["--password", "*", KEY_USER]);
+
+        assert!(
+            Path::new("/usr/bin/sudo").exists(),
+            "tests need sudo: apt-get install sudo"
+        );
+        let rules =
+            format!("{PASSWORD_USER} ALL=(ALL:ALL) ALL\n{KEY_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n");
+        let staging = format!("{SUDOERS_FILE}.{}", std::process::id());
+        fs::write(&staging, rules).unwrap();
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o440)).unwrap();
+        fs::rename(&staging, SUDOERS_FILE).unwrap();
+    });
+}
+
+fn write_config(dir: &Path, port: u16, login: Login) -> PathBuf {
+    let (pam, password, kbd) = match login {
+        Login::PasswordAndKey => ("no", "yes", "no"),
+        Login::KeyboardInteractive => ("yes", "no", "yes"),
+    };
+    let dir_str = path_str(dir);
+    let config = format!(
+        "ListenAddress 127.0.0.1:{port}\n\
+         HostKey {dir_str}/host_ed25519\n\
+         PidFile none\n\
+         UsePAM {pam}\n\
+         PasswordAuthentication {password}\n\
+         KbdInteractiveAuthentication {kbd}\n\
+         PubkeyAuthentication yes\n\
+         AuthorizedKeysFile {dir_str}/authorized_keys\n\
+         StrictModes no\n\
+         PermitRootLogin yes\n\
+         LogLevel VERBOSE\n\
+         Subsystem sftp internal-sftp\n"
+    );
+    let path = dir.join("sshd_config");
+    fs::write(&path, config).unwrap();
+    path
+}
+
+/// A port the kernel just handed out and that is free again; good enough with a retry.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn answers_with_banner(addr: SocketAddr) -> bool {
+    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("SSH-")
+}
+
+/// Waits for the banner. On failure stops the child and returns its log.
+fn wait_ready(child: &mut Child, addr: SocketAddr, log: &Path) -> Result<(), String> {
+    let read_log = || fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Err(read_log());
+        }
+        if answers_with_banner(addr) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!(
+        "no banner within {START_TIMEOUT:?}\n{}",
+        read_log()
+    ))
+}
+
+fn fingerprint_of(public_key: &Path) -> String {
+    let output = run(
+        "ssh-keygen",
+        &["-l", "-E", "sha256", "-f", path_str(public_key)],
+    );
+    // "256 SHA256:... comment (ED25519)"
+    output.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}

@@ -1,0 +1,465 @@
+//! The finish stage's SSH side against a real OpenSSH server on loopback.
+//!
+//! The "guest" is this machine: sshd runs locally, so the tests can look at the job directory
+//! under /var/tmp and at the script's processes directly.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hatchery::guest::{
+    self, FinishOutcome, FinishScript, SshAuth, SshError, SshTarget, run_finish,
+};
+use hatchery::secret::Secret;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use common::sshd::{self, KEY_USER, Login, PASSWORD, PASSWORD_USER, Sshd};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn password_target(sshd: &Sshd, password: &str) -> SshTarget {
+    SshTarget {
+        addr: sshd.addr(),
+        user: PASSWORD_USER.to_owned(),
+        auth: SshAuth::Password(Secret::new(password)),
+        pinned_host_key: None,
+    }
+}
+
+/// A target logging in as `user` with a freshly generated key that `sshd` accepts.
+fn key_target(sshd: &Sshd, user: &str, kind: &str, passphrase: &str) -> SshTarget {
+    let key = sshd::generate_key(kind, passphrase);
+    sshd.authorize(&key.public);
+    SshTarget {
+        addr: sshd.addr(),
+        user: user.to_owned(),
+        auth: SshAuth::PrivateKey {
+            key: Secret::new(key.private),
+            passphrase: (!passphrase.is_empty()).then(|| Secret::new(passphrase)),
+        },
+        pinned_host_key: None,
+    }
+}
+
+fn script<'a>(job: &Job, body: &'a str) -> FinishScript<'a> {
+    FinishScript {
+        job_id: job.id,
+        body,
+        timeout: TIMEOUT,
+        sudo: false,
+        tail_bytes: 64 * 1024,
+    }
+}
+
+fn run(target: &SshTarget, script: &FinishScript) -> Result<FinishOutcome, SshError> {
+    run_finish(target, script, &CancellationToken::new())
+}
+
+/// A job id, and a scratch directory any test user may write to; removes what the job left
+/// under /var/tmp when dropped.
+struct Job {
+    id: Uuid,
+    scratch: tempfile::TempDir,
+}
+
+impl Job {
+    fn new() -> Self {
+        let scratch = tempfile::tempdir().unwrap();
+        fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        Self {
+            id: Uuid::new_v4(),
+            scratch,
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(format!("/var/tmp/hatchery-{}", self.id))
+    }
+
+    fn tombstone(&self) -> PathBuf {
+        PathBuf::from(format!("/var/tmp/hatchery-{}.exit", self.id))
+    }
+
+    fn scratch(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.dir());
+        let _ = fs::remove_file(self.tombstone());
+    }
+}
+
+/// Polls `condition` every 50 ms; false if it still does not hold after `timeout`.
+fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+/// Whether process `pid` is gone or a zombie that nobody reaped.
+fn is_dead(pid: &str) -> bool {
+    match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn password_login_runs_script_and_removes_its_directory() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let body = "echo out; echo err >&2; id -un; echo \"job $HATCHERY_JOB_ID\"";
+
+    let outcome = run(&password_target(&sshd, PASSWORD), &script(&job, body)).unwrap();
+
+    assert_eq!(outcome.exit_code, 0);
+    let expected = format!("out\n{PASSWORD_USER}\njob {}\n", job.id);
+    assert_eq!(outcome.stdout_tail, expected);
+    assert_eq!(outcome.stderr_tail, "err\n");
+    assert!(!outcome.stdout_truncated && !outcome.stderr_truncated);
+    assert!(!outcome.resumed);
+    assert_eq!(outcome.host_key_fingerprint, sshd.host_key_fingerprint());
+    assert!(!job.dir().exists(), "job directory left behind");
+    assert_eq!(read(&job.tombstone()).trim(), "0");
+}
+
+#[test]
+fn ed25519_key_login_runs_script_as_root() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+
+    let outcome = run(&target, &script(&job, "id -u")).unwrap();
+
+    assert_eq!(
+        (outcome.exit_code, outcome.stdout_tail.as_str()),
+        (0, "0\n")
+    );
+}
+
+#[test]
+fn rsa_key_login_runs_script() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "rsa", "");
+
+    let outcome = run(&target, &script(&job, "echo rsa")).unwrap();
+
+    assert_eq!(
+        (outcome.exit_code, outcome.stdout_tail.as_str()),
+        (0, "rsa\n")
+    );
+}
+
+#[test]
+fn passphrase_protected_key_logs_in() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "open sesame");
+
+    let outcome = run(&target, &script(&job, "echo unlocked")).unwrap();
+
+    assert_eq!(outcome.stdout_tail, "unlocked\n");
+}
+
+#[test]
+fn wrong_password_is_rejected_without_showing_it() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let wrong = "not-the-password-4711";
+
+    let error = run(&password_target(&sshd, wrong), &script(&job, "true")).unwrap_err();
+
+    assert!(matches!(error, SshError::Authenticate { .. }), "{error:?}");
+    assert!(!error.is_transient());
+    let mut text = format!("{error:?}");
+    let mut cause: Option<&dyn std::error::Error> = Some(&error);
+    while let Some(error) = cause {
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    assert!(!text.contains(wrong), "password leaked into {text}");
+    assert!(!job.dir().exists());
+}
+
+#[test]
+fn keyboard_interactive_only_server_accepts_the_password() {
+    let sshd = Sshd::start_with(Login::KeyboardInteractive);
+    let job = Job::new();
+
+    let outcome = run(&password_target(&sshd, PASSWORD), &script(&job, "echo kbd"));
+
+    let outcome = outcome.unwrap_or_else(|error| panic!("{error:?}\n{}", sshd.log()));
+    assert_eq!(outcome.stdout_tail, "kbd\n");
+}
+
+#[test]
+fn matching_pinned_host_key_is_accepted() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let mut target = key_target(&sshd, "root", "ed25519", "");
+    target.pinned_host_key = Some(sshd.host_key_fingerprint().to_owned());
+
+    let outcome = run(&target, &script(&job, "true")).unwrap();
+
+    assert_eq!(outcome.host_key_fingerprint, sshd.host_key_fingerprint());
+}
+
+#[test]
+fn wrong_pinned_host_key_stops_before_anything_runs() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let mut target = key_target(&sshd, "root", "ed25519", "");
+    let other = sshd::fingerprint_of_new_key();
+    target.pinned_host_key = Some(other.clone());
+    let marker = job.scratch("ran");
+    let body = format!("touch {}", marker.display());
+
+    let error = run(&target, &script(&job, &body)).unwrap_err();
+
+    match &error {
+        SshError::HostKeyMismatch {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, &other);
+            assert_eq!(actual, sshd.host_key_fingerprint());
+        }
+        other => panic!("expected a host key mismatch, got {other:?}"),
+    }
+    assert!(!error.is_transient());
+    assert!(
+        !marker.exists(),
+        "the script ran despite the wrong host key"
+    );
+    assert!(
+        !job.dir().exists() && !job.tombstone().exists(),
+        "something was uploaded"
+    );
+}
+
+#[test]
+fn non_zero_exit_is_an_outcome_with_output() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+
+    let body = "echo partial; echo 'puppet failed' >&2; exit 3";
+    let outcome = run(&target, &script(&job, body)).unwrap();
+
+    assert_eq!(outcome.exit_code, 3);
+    assert_eq!(outcome.stdout_tail, "partial\n");
+    assert_eq!(outcome.stderr_tail, "puppet failed\n");
+    assert!(!job.dir().exists());
+}
+
+#[test]
+fn shebang_line_picks_the_interpreter() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+
+    let body = "#!/bin/sh -eu\necho \"$0\"\nfalse\necho unreachable\n";
+    let outcome = run(&target, &script(&job, body)).unwrap();
+
+    assert_eq!(outcome.exit_code, 1, "-e from the #! line was ignored");
+    assert!(
+        outcome.stdout_tail.ends_with("/script\n"),
+        "{:?}",
+        outcome.stdout_tail
+    );
+}
+
+#[test]
+fn long_output_keeps_only_the_tail() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    let mut finish = script(&job, "seq 1 100000; echo last line; echo short >&2");
+    finish.tail_bytes = 1000;
+
+    let outcome = run(&target, &finish).unwrap();
+
+    assert!(outcome.stdout_truncated);
+    assert_eq!(outcome.stdout_tail.len(), 1000);
+    assert!(outcome.stdout_tail.ends_with("99999\n100000\nlast line\n"));
+    assert!(!outcome.stderr_truncated);
+    assert_eq!(outcome.stderr_tail, "short\n");
+}
+
+#[test]
+fn timeout_kills_the_script_and_its_children() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    let pid_file = job.scratch("sleep.pid");
+    let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
+    let mut finish = script(&job, &body);
+    finish.timeout = Duration::from_secs(1);
+
+    let error = run(&target, &finish).unwrap_err();
+
+    assert!(
+        matches!(error, SshError::ScriptTimedOut { .. }),
+        "{error:?}"
+    );
+    assert!(!error.is_transient());
+    let pid = read(&pid_file);
+    assert!(!pid.is_empty(), "the script never started");
+    assert!(
+        wait_until(Duration::from_secs(10), || is_dead(&pid)),
+        "sleep {pid} survived"
+    );
+    assert!(!job.dir().exists());
+}
+
+#[test]
+fn cancellation_kills_a_running_script() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    let pid_file = job.scratch("sleep.pid");
+    let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
+    let finish = script(&job, &body);
+    let cancel = CancellationToken::new();
+
+    let canceller = {
+        let cancel = cancel.clone();
+        let pid_file = pid_file.clone();
+        std::thread::spawn(move || {
+            wait_until(TIMEOUT, || !read(&pid_file).is_empty());
+            cancel.cancel();
+        })
+    };
+    let error = run_finish(&target, &finish, &cancel).unwrap_err();
+    canceller.join().unwrap();
+
+    assert!(matches!(error, SshError::Cancelled), "{error:?}");
+    let pid = read(&pid_file);
+    assert!(
+        wait_until(Duration::from_secs(10), || is_dead(&pid)),
+        "sleep {pid} survived"
+    );
+    assert!(!job.dir().exists());
+}
+
+#[test]
+fn interrupted_run_is_resumed_and_the_script_runs_once() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    let counter = job.scratch("runs");
+    let body = format!(
+        "echo run >> {}\nsleep 1\necho done\nexit 7\n",
+        counter.display()
+    );
+    let finish = script(&job, &body);
+
+    // A worker that started the script and died: the next attempt must only collect it.
+    guest::launch_finish(&target, &finish, &CancellationToken::new()).unwrap();
+    let first = run(&target, &finish).unwrap();
+
+    assert!(first.resumed);
+    assert_eq!((first.exit_code, first.stdout_tail.as_str()), (7, "done\n"));
+    assert_eq!(read(&counter), "run\n");
+    assert!(!job.dir().exists());
+
+    // Redelivered once more after collection: the tombstone still answers, nothing runs.
+    let second = run(&target, &finish).unwrap();
+
+    assert!(second.resumed);
+    assert_eq!(second.exit_code, 7);
+    assert_eq!(second.stdout_tail, "");
+    assert_eq!(read(&counter), "run\n");
+}
+
+#[test]
+fn interrupted_upload_is_started_afresh() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    // What an upload cut short leaves: the directory and part of the script.
+    fs::create_dir(job.dir()).unwrap();
+    fs::write(job.dir().join("script.tmp"), "echo half").unwrap();
+
+    let outcome = run(&target, &script(&job, "echo whole")).unwrap();
+
+    assert!(!outcome.resumed);
+    assert_eq!(outcome.stdout_tail, "whole\n");
+}
+
+#[test]
+fn script_that_died_without_status_is_reported_lost() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = key_target(&sshd, "root", "ed25519", "");
+    // What a guest reboot mid-run leaves: started, a pid that is gone, no exit file.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    fs::create_dir_all(job.dir().join("started")).unwrap();
+    fs::write(job.dir().join("script"), "echo never").unwrap();
+    fs::write(job.dir().join("pid"), format!("{}\n", gone.id())).unwrap();
+
+    let error = run(&target, &script(&job, "echo never")).unwrap_err();
+
+    assert!(matches!(error, SshError::ScriptLost), "{error:?}");
+    assert!(!error.is_transient());
+}
+
+#[test]
+fn sudo_with_password_runs_as_root() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    // `cat` shows whether anything sudo left unread on its stdin (the password) reaches
+    // the script; it must read nothing.
+    let mut finish = script(&job, "id -u; cat");
+    finish.sudo = true;
+
+    let outcome = run(&password_target(&sshd, PASSWORD), &finish).unwrap();
+
+    assert_eq!(
+        (outcome.exit_code, outcome.stdout_tail.as_str()),
+        (0, "0\n")
+    );
+    assert!(!read(&job.tombstone()).contains(PASSWORD));
+}
+
+#[test]
+fn sudo_with_key_runs_as_root_without_prompting() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let mut finish = script(&job, "id -u");
+    finish.sudo = true;
+
+    let outcome = run(&key_target(&sshd, KEY_USER, "ed25519", ""), &finish).unwrap();
+
+    assert_eq!(
+        (outcome.exit_code, outcome.stdout_tail.as_str()),
+        (0, "0\n")
+    );
+}
+
+#[test]
+fn wait_for_sshd_sees_the_banner() {
+    let sshd = Sshd::start();
+    let deadline = Instant::now() + TIMEOUT;
+
+    guest::wait_for_sshd(sshd.addr(), deadline, &CancellationToken::new()).unwrap();
+}
