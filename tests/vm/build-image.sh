@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the tiny guest that hatchery's real-VM tests boot: a Debian cloud kernel for direct kernel
 # boot, a busybox initramfs that mounts /dev/vda as root, and a small qcow2 base image holding
-# busybox, dropbear (key and password logins), sftp-server, scp and a DHCP client script.
+# busybox, dropbear (key and password logins), sftp-server, scp, sudo and a DHCP client script.
 #
 # Usage: build-image.sh CACHE_DIR
 #
@@ -16,7 +16,8 @@ readonly PASSWORD=hatchery-e2e        # for root and hatch; a test image, never 
 readonly FS_SIZE=64M
 readonly KERNEL_META=linux-image-cloud-amd64
 readonly GUEST_PKGS=(busybox-static dropbear-bin libtomcrypt1 libtommath1 libgmp10 libc6
-  libcrypt1 zlib1g openssh-sftp-server openssh-client)
+  libcrypt1 zlib1g openssh-sftp-server openssh-client
+  sudo libpam0g libpam-modules libaudit1 libcap-ng0 libselinux1 libpcre2-8-0)
 # the virtio devices libvirt gives a guest, plus the ACPI power button for `virsh shutdown`
 readonly MODULES=(virtio_pci virtio_blk virtio_net virtio-rng button evdev)
 
@@ -86,7 +87,8 @@ unpack_debs() {
   for pv in "${VERSIONS[@]}"; do dpkg-deb -x "$(deb_file "$pv")" "$X"; done
   # not $X/lib64/...: that is an absolute symlink and would lead to the host's loader
   LDSO=$X/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
-  LIBPATH=$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu
+  # sudo finds its own library through a RUNPATH, which --list would resolve on the host
+  LIBPATH=$X/lib/x86_64-linux-gnu:$X/usr/lib/x86_64-linux-gnu:$X/usr/libexec/sudo
 }
 
 # Run a dynamically linked tool from the unpacked tree (dropbearkey), not from the host.
@@ -134,6 +136,9 @@ EOF
   # dropbear looks for sftp-server at /usr/lib/sftp-server; scp serves `scp -t` requests
   copy_elf usr/sbin/dropbear usr/lib/openssh/sftp-server usr/bin/scp
   ln -s openssh/sftp-server "$R/usr/lib/sftp-server"
+  # sudo for the unprivileged user; its policy plugin and PAM module are loaded with dlopen
+  copy_elf usr/bin/sudo usr/libexec/sudo/sudoers.so lib/x86_64-linux-gnu/security/pam_unix.so
+  chmod 4755 "$R/usr/bin/sudo"
 
   # host keys are baked in, so every boot of this base presents the same keys
   local t
@@ -167,6 +172,13 @@ write_etc() {
   printf '%s\n' 'passwd: files' 'group: files' 'shadow: files' 'hosts: files' \
     >"$R/etc/nsswitch.conf"
   printf '127.0.0.1 localhost\n' >"$R/etc/hosts"
+  mkdir -p "$R/etc/pam.d"
+  printf '%s\n' 'auth required pam_unix.so' 'account required pam_unix.so' \
+    'session required pam_unix.so' >"$R/etc/pam.d/sudo"
+  # members of group sudo (hatch) may do anything after giving their own password
+  printf '%s\n' 'Defaults !fqdn, !lecture, secure_path="/usr/sbin:/usr/bin:/sbin:/bin"' \
+    'root ALL=(ALL:ALL) ALL' '%sudo ALL=(ALL:ALL) ALL' >"$R/etc/sudoers"
+  chmod 0440 "$R/etc/sudoers"
   echo hatchery-guest >"$R/etc/hostname"
   echo 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin' >"$R/etc/profile"
   echo "$HASH" >"$R/etc/hatchery-base"
@@ -203,6 +215,7 @@ for arg in $(cat /proc/cmdline); do
   case $arg in hatchery.hostname=*) name=${arg#*=} ;; esac
 done
 hostname "$name"
+echo "127.0.1.1 $name" >>/etc/hosts # sudo complains about a hostname it cannot resolve
 ip link set lo up
 acpid -c /etc/acpi 2>/dev/null
 

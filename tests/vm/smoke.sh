@@ -111,7 +111,9 @@ check_logins() {
   [[ $(ssh_password root id -u) == 0 ]] || die "password login as root"
   [[ $(ssh_password "${E[SSH_USER_UNPRIVILEGED]}" id -un) == hatch ]] || die "password login as hatch"
   [[ $(ssh_key "${E[SSH_KEY]}" hatch id -un) == hatch ]] || die "key login as hatch"
-  log "logins ok: ed25519 and RSA keys, passwords for root and hatch"
+  [[ $(ssh_key "${E[SSH_KEY]}" hatch "echo '${E[SSH_PASSWORD]}' | sudo -S -p '' id -u") == 0 ]] ||
+    die "sudo as hatch"
+  log "logins ok: ed25519 and RSA keys, passwords for root and hatch, sudo for hatch"
 }
 
 # The finish step's pattern: upload a script, start it detached, come back later for its result.
