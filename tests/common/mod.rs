@@ -1,3 +1,22 @@
 //! Helpers shared by the integration tests.
+#![allow(dead_code)]
 
+pub mod jobs;
 pub mod sshd;
+pub mod testdriver;
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
