@@ -9,6 +9,7 @@ set -euo pipefail
 
 readonly HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly VM=hatchery-smoke MAC=52:54:00:77:00:51
+readonly VM2=hatchery-smoke-nodhcp MAC2=52:54:00:77:00:52
 declare -A E # the env file written by env.sh up
 
 log() { printf '[smoke %s] %s\n' "$(date +%T.%3N)" "$*" >&2; }
@@ -27,10 +28,11 @@ load_env() {
   while IFS='=' read -r key value; do E[$key]=$value; done <"$1"
 }
 
+# create_overlay NAME: a qcow2 volume NAME.qcow2 backed by the base image
 create_overlay() {
   virsh_ vol-create "${E[POOL]}" /dev/stdin >/dev/null <<EOF
 <volume>
-  <name>$VM.qcow2</name>
+  <name>$1.qcow2</name>
   <capacity unit='bytes'>${E[BASE_CAPACITY_BYTES]}</capacity>
   <target><format type='qcow2'/></target>
   <backingStore><path>${E[BASE_PATH]}</path><format type='qcow2'/></backingStore>
@@ -39,33 +41,33 @@ EOF
 }
 
 # <acpi/> matters: without it libvirt starts qemu with ACPI off, and `virsh shutdown` (the power
-# button) never reaches the guest.
+# button) never reaches the guest. Usage: define_domain NAME MAC NETWORK
 define_domain() {
   virsh_ define /dev/stdin >/dev/null <<EOF
 <domain type='${E[DOMAIN_TYPE]}'>
-  <name>$VM</name>
+  <name>$1</name>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>${E[KERNEL]}</kernel>
     <initrd>${E[INITRD]}</initrd>
-    <cmdline>${E[CMDLINE]} hatchery.hostname=$VM</cmdline>
+    <cmdline>${E[CMDLINE]} hatchery.hostname=$1</cmdline>
   </os>
   <features><acpi/></features>
   <devices>
     <disk type='volume' device='disk'>
       <driver name='qemu' type='qcow2'/>
-      <source pool='${E[POOL]}' volume='$VM.qcow2'/>
+      <source pool='${E[POOL]}' volume='$1.qcow2'/>
       <target dev='vda' bus='virtio'/>
     </disk>
     <interface type='network'>
-      <source network='${E[NETWORK]}'/>
-      <mac address='$MAC'/>
+      <source network='$3'/>
+      <mac address='$2'/>
       <model type='virtio'/>
     </interface>
     <serial type='file'>
-      <source path='${E[CONSOLE_DIR]}/$VM.log'/>
+      <source path='${E[CONSOLE_DIR]}/$1.log'/>
       <target port='0'/>
     </serial>
   </devices>
@@ -157,10 +159,29 @@ shutdown_gracefully() {
   done
 }
 
+# On the network without DHCP the guest boots (its sshd comes up) but never gets a lease.
+check_no_lease() {
+  create_overlay "$VM2"
+  define_domain "$VM2" "$MAC2" "${E[NETWORK_NODHCP]}"
+  virsh_ start "$VM2" >/dev/null
+  local deadline=$((SECONDS + 60))
+  until grep -q "${E[SSHD_MARKER]}" "${E[CONSOLE_DIR]}/$VM2.log" 2>/dev/null; do
+    ((SECONDS < deadline)) || die "guest on ${E[NETWORK_NODHCP]} did not boot"
+    sleep 0.2
+  done
+  sleep 3 # udhcpc asks once a second
+  [[ -z $(virsh_ net-dhcp-leases "${E[NETWORK_NODHCP]}") ]] || die "lease on the no-DHCP network"
+  virsh_ destroy "$VM2" >/dev/null
+  log "no-DHCP network ok: guest booted, no lease"
+}
+
 cleanup() {
-  virsh_ destroy "$VM" >/dev/null 2>&1 || true
-  virsh_ undefine "$VM" >/dev/null 2>&1 || true
-  virsh_ vol-delete --pool "${E[POOL]}" "$VM.qcow2" >/dev/null 2>&1 || true
+  local vm
+  for vm in "$VM" "$VM2"; do
+    virsh_ destroy "$vm" >/dev/null 2>&1 || true
+    virsh_ undefine "$vm" >/dev/null 2>&1 || true
+    virsh_ vol-delete --pool "${E[POOL]}" "$vm.qcow2" >/dev/null 2>&1 || true
+  done
   rm -rf "$TMP"
   [[ $KEEP == 1 ]] || "$HERE/env.sh" down
 }
@@ -177,8 +198,8 @@ main() {
   chmod 0700 "$TMP/askpass"
   ASKPASS=$TMP/askpass
 
-  create_overlay
-  define_domain
+  create_overlay "$VM"
+  define_domain "$VM" "$MAC" "${E[NETWORK]}"
   t0=$(now)
   virsh_ start "$VM" >/dev/null
   t_started=$(now)
@@ -195,6 +216,7 @@ main() {
   t_done=$(now)
   shutdown_gracefully
   t_off=$(now)
+  check_no_lease
 
   # writes went to the overlay, never to the base
   [[ $(sha256sum "${E[BASE_PATH]}" | cut -d' ' -f1) == "${E[BASE_SHA256]}" ]] ||
