@@ -61,7 +61,11 @@ struct StageFailure {
 
 impl Pipeline {
     pub fn new(settings: Settings, publisher: Publisher) -> Self {
-        Self { hypervisors: Hypervisors::default(), settings: Arc::new(settings), publisher }
+        Self {
+            hypervisors: Hypervisors::default(),
+            settings: Arc::new(settings),
+            publisher,
+        }
     }
 
     /// Runs `job` to its final outcome, sending every event to `sink`, the final one last.
@@ -81,7 +85,9 @@ impl Pipeline {
             domain_uuid = field::Empty,
             ip = field::Empty,
         );
-        self.run_in_span(Arc::new(job), attempt, cancel, sink).instrument(span).await
+        self.run_in_span(Arc::new(job), attempt, cancel, sink)
+            .instrument(span)
+            .await
     }
 
     async fn run_in_span(
@@ -93,7 +99,11 @@ impl Pipeline {
     ) -> Outcome {
         let subject = job.id.to_string();
         let batch = job.batch.as_ref().map(|b| b.id.as_str());
-        let Some(uri) = self.settings.resolve_hypervisor(&job.hypervisor).map(str::to_owned) else {
+        let Some(uri) = self
+            .settings
+            .resolve_hypervisor(&job.hypervisor)
+            .map(str::to_owned)
+        else {
             let refusal = Refusal::UnknownHypervisor(job.hypervisor.clone());
             warn!(error = %refusal, "job rejected");
             let data = EventData::Rejected(Rejection {
@@ -101,7 +111,9 @@ impl Pipeline {
                 message: refusal.to_string(),
                 problems: Vec::new(),
             });
-            let event = self.publisher.event(EventKind::JobRejected, &subject, batch, "", data);
+            let event = self
+                .publisher
+                .event(EventKind::JobRejected, &subject, batch, "", data);
             sink.emit(event).await;
             return Outcome::Rejected;
         };
@@ -119,7 +131,11 @@ impl Pipeline {
             attempt,
         });
         let key = attempt.to_string();
-        sink.emit(self.publisher.event(EventKind::JobStarted, &subject, batch, &key, start)).await;
+        sink.emit(
+            self.publisher
+                .event(EventKind::JobStarted, &subject, batch, &key, start),
+        )
+        .await;
 
         let hv = self.hypervisors.get(&uri);
         let mut cx = JobRun::new(Arc::clone(&job), hv, Arc::clone(&self.settings), attempt);
@@ -150,22 +166,33 @@ impl Pipeline {
         };
         let result = self.result(&cx, action, &uri, timings, failure, rolled_back);
         let kind = outcome.event_kind();
-        sink.emit(self.publisher.event(kind, &subject, batch, "", EventData::Result(result))).await;
+        sink.emit(
+            self.publisher
+                .event(kind, &subject, batch, "", EventData::Result(result)),
+        )
+        .await;
         outcome
     }
 
     /// Rolls back what a failed job made, unless it asked to keep it, and says how it ended.
-    async fn fail(
-        &self,
-        cx: &JobRun,
-        f: StageFailure,
-    ) -> (Outcome, Option<Failure>, Option<bool>) {
+    async fn fail(&self, cx: &JobRun, f: StageFailure) -> (Outcome, Option<Failure>, Option<bool>) {
         let cancelled = matches!(f.error, StageError::Cancelled);
-        let outcome = if cancelled { Outcome::Cancelled } else { Outcome::Failed };
-        let report = Failure { stage: f.stage, class: f.error.class(), message: chain(&f.error) };
+        let outcome = if cancelled {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed
+        };
+        let report = Failure {
+            stage: f.stage,
+            class: f.error.class(),
+            message: chain(&f.error),
+        };
         error!(stage = %f.stage, class = report.class.as_str(), error = %report.message, "job failed");
 
-        let keep = cx.job.provision().is_some_and(|p| p.on_failure == OnFailure::Keep);
+        let keep = cx
+            .job
+            .provision()
+            .is_some_and(|p| p.on_failure == OnFailure::Keep);
         if f.stage == StageKind::Teardown || (keep && !cancelled) {
             return (outcome, Some(report), Some(false));
         }
@@ -191,7 +218,8 @@ impl Pipeline {
         let (job_id, run) = (cx.job.id, cx.attempt);
         let emit = |kind, attempt: u32, data| {
             let key = format!("{stage}/{run}/{attempt}");
-            self.publisher.event(kind, &subject, batch.as_deref(), &key, data)
+            self.publisher
+                .event(kind, &subject, batch.as_deref(), &key, data)
         };
         let report = |attempt, duration_ms, error, delay_ms| StageReport {
             job_id,
@@ -209,7 +237,8 @@ impl Pipeline {
         loop {
             let span = info_span!("stage", stage = %stage, stage_attempt = attempt);
             let data = EventData::Stage(report(attempt, None, None, None));
-            sink.emit(emit(EventKind::StageStarted, attempt, data)).await;
+            sink.emit(emit(EventKind::StageStarted, attempt, data))
+                .await;
             info!(parent: &span, "stage started");
 
             let began = Instant::now();
@@ -227,9 +256,14 @@ impl Pipeline {
                 Ok(()) => {
                     info!(parent: &span, duration_ms = took.as_millis() as u64, "stage succeeded");
                     let data = EventData::Stage(report(attempt, Some(ms(took)), None, None));
-                    sink.emit(emit(EventKind::StageSucceeded, attempt, data)).await;
+                    sink.emit(emit(EventKind::StageSucceeded, attempt, data))
+                        .await;
                     let total = ms(first.elapsed());
-                    return Ok(StageTiming { stage, duration_ms: total, attempts: attempt });
+                    return Ok(StageTiming {
+                        stage,
+                        duration_ms: total,
+                        attempts: attempt,
+                    });
                 }
                 Err(error) => error,
             };
@@ -249,9 +283,19 @@ impl Pipeline {
                 delay_ms = ms(delay),
                 "stage failed; retrying"
             );
-            let failure = Failure { stage, class, message: chain(&error) };
-            let data = EventData::Stage(report(attempt, Some(ms(took)), Some(failure), Some(ms(delay))));
-            sink.emit(emit(EventKind::StageRetrying, attempt, data)).await;
+            let failure = Failure {
+                stage,
+                class,
+                message: chain(&error),
+            };
+            let data = EventData::Stage(report(
+                attempt,
+                Some(ms(took)),
+                Some(failure),
+                Some(ms(delay)),
+            ));
+            sink.emit(emit(EventKind::StageRetrying, attempt, data))
+                .await;
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = cx.cancel.cancelled() => {
@@ -264,7 +308,11 @@ impl Pipeline {
 
     /// The stage's own deadline, and the later one at which the pipeline stops waiting for it.
     fn timeouts(&self, stage: StageKind, cx: &JobRun) -> (Duration, Duration) {
-        let t = cx.job.provision().map(|p| p.timeouts.clone()).unwrap_or_default();
+        let t = cx
+            .job
+            .provision()
+            .map(|p| p.timeouts.clone())
+            .unwrap_or_default();
         let s = &self.settings;
         let secs = |v: Option<u64>| v.map(Duration::from_secs);
         let timeout = match stage {
@@ -276,7 +324,12 @@ impl Pipeline {
         };
         // The finish script's own timeout comes on top of logging in.
         let script = (stage == StageKind::Finish)
-            .then(|| cx.job.provision().and_then(|p| p.finish.as_ref()).map(|f| f.timeout()))
+            .then(|| {
+                cx.job
+                    .provision()
+                    .and_then(|p| p.finish.as_ref())
+                    .map(|f| f.timeout())
+            })
             .flatten()
             .unwrap_or_default();
         (timeout, timeout + script + STAGE_GRACE)
@@ -311,7 +364,10 @@ impl Pipeline {
             macs: facts.macs.clone(),
             ip: facts.address.map(|a| a.ip().to_string()),
             ssh_port: facts.address.map(|a| a.port()),
-            host_key_fingerprint: facts.finish.as_ref().map(|f| f.host_key_fingerprint.clone()),
+            host_key_fingerprint: facts
+                .finish
+                .as_ref()
+                .map(|f| f.host_key_fingerprint.clone()),
             overlay: facts.overlay.as_ref().map(|o| o.path.clone()),
             finish,
             stages,
@@ -380,7 +436,9 @@ fn redact(text: &str, secrets: &[String]) -> String {
     secrets
         .iter()
         .filter(|s| s.len() >= 4)
-        .fold(text.to_owned(), |acc, s| acc.replace(s.as_str(), "[redacted]"))
+        .fold(text.to_owned(), |acc, s| {
+            acc.replace(s.as_str(), "[redacted]")
+        })
 }
 
 fn ms(d: Duration) -> u64 {

@@ -36,7 +36,9 @@ impl RetryPolicy {
             .with_factor(2.0)
             .with_max_times(self.max_attempts.saturating_sub(1) as usize)
             .build();
-        Delays { ceilings: Box::new(ceilings) }
+        Delays {
+            ceilings: Box::new(ceilings),
+        }
     }
 }
 
@@ -70,7 +72,10 @@ mod tests {
         assert_eq!(delays.len(), 4);
         let ceilings = [100, 200, 400, 400];
         for (delay, ceiling) in delays.iter().zip(ceilings) {
-            assert!(*delay <= Duration::from_millis(ceiling), "{delay:?} above {ceiling} ms");
+            assert!(
+                *delay <= Duration::from_millis(ceiling),
+                "{delay:?} above {ceiling} ms"
+            );
         }
     }
 }

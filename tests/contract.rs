@@ -1,4 +1,5 @@
 //! The job contract: the JSON Schema and the Rust types accept and refuse the same documents.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -11,15 +12,24 @@ use hatchery::job::{self, Job, Limits};
 
 fn schema_errors(doc: &Value) -> Vec<String> {
     let schema: Value = serde_json::from_str(job::JOB_SCHEMA).unwrap();
-    let validator = jsonschema::options().should_validate_formats(true).build(&schema).unwrap();
-    validator.iter_errors(doc).map(|e| format!("{}: {e}", e.instance_path())).collect()
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    validator
+        .iter_errors(doc)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
 }
 
 /// The Rust side alone: deserialisation, then the semantic rules.
 fn type_errors(doc: &Value) -> Vec<String> {
     match serde_json::from_value::<Job>(doc.clone()) {
         Err(e) => vec![e.to_string()],
-        Ok(job) => job::validate(&job, &Limits::default()).iter().map(|p| p.to_string()).collect(),
+        Ok(job) => job::validate(&job, &Limits::default())
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
     }
 }
 
@@ -40,8 +50,16 @@ fn example_jobs() -> Vec<(String, Value)> {
 #[test]
 fn every_example_job_passes_schema_and_types() {
     for (name, doc) in example_jobs() {
-        assert_eq!(schema_errors(&doc), Vec::<String>::new(), "{name} against the schema");
-        assert_eq!(type_errors(&doc), Vec::<String>::new(), "{name} against the types");
+        assert_eq!(
+            schema_errors(&doc),
+            Vec::<String>::new(),
+            "{name} against the schema"
+        );
+        assert_eq!(
+            type_errors(&doc),
+            Vec::<String>::new(),
+            "{name} against the types"
+        );
     }
 }
 
@@ -90,8 +108,12 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
         d["deprovision"] = json!({ "name": "web-01" })
     });
     case("unknown top-level field", "", &|d| d["priority"] = json!(1));
-    case("unknown VM field", "/provision/vm", &|d| d["provision"]["vm"]["gpu"] = json!(true));
-    case("zero vCPUs", "/provision/vm/vcpus", &|d| d["provision"]["vm"]["vcpus"] = json!(0));
+    case("unknown VM field", "/provision/vm", &|d| {
+        d["provision"]["vm"]["gpu"] = json!(true)
+    });
+    case("zero vCPUs", "/provision/vm/vcpus", &|d| {
+        d["provision"]["vm"]["vcpus"] = json!(0)
+    });
     case("negative memory", "/provision/vm/memory_mib", &|d| {
         d["provision"]["vm"]["memory_mib"] = json!(-1)
     });
@@ -101,31 +123,41 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
     case("relative base path", "/provision/vm/base/path", &|d| {
         d["provision"]["vm"]["base"] = json!({ "path": "images/base.qcow2" })
     });
-    case("dot-dot in kernel path", "/provision/vm/boot/kernel", &|d| {
-        d["provision"]["vm"]["boot"]["kernel"] = json!("/var/../etc/shadow")
-    });
+    case(
+        "dot-dot in kernel path",
+        "/provision/vm/boot/kernel",
+        &|d| d["provision"]["vm"]["boot"]["kernel"] = json!("/var/../etc/shadow"),
+    );
     case("short digest", "/provision/vm/base/sha256", &|d| {
         d["provision"]["vm"]["base"]["sha256"] = json!("abc")
     });
-    case("no NICs", "/provision/vm/nics", &|d| d["provision"]["vm"]["nics"] = json!([]));
+    case("no NICs", "/provision/vm/nics", &|d| {
+        d["provision"]["vm"]["nics"] = json!([])
+    });
     case("multicast MAC", "/provision/vm/nics/0/mac", &|d| {
         d["provision"]["vm"]["nics"][0]["mac"] = json!("01:00:5e:00:00:01")
     });
     case("network and bridge", "/provision/vm/nics/0", &|d| {
         d["provision"]["vm"]["nics"][0]["bridge"] = json!("br0")
     });
-    case("bridge name too long", "/provision/vm/nics/0/bridge", &|d| {
-        d["provision"]["vm"]["nics"][0] = json!({ "bridge": "a-very-long-bridge-name" })
-    });
+    case(
+        "bridge name too long",
+        "/provision/vm/nics/0/bridge",
+        &|d| d["provision"]["vm"]["nics"][0] = json!({ "bridge": "a-very-long-bridge-name" }),
+    );
     case("unknown NIC model", "/provision/vm/nics/0/model", &|d| {
         d["provision"]["vm"]["nics"][0]["model"] = json!("<model/>")
     });
-    case("console listen not an IP", "/provision/vm/console/listen", &|d| {
-        d["provision"]["vm"]["console"]["listen"] = json!("0.0.0.0'/>")
-    });
-    case("control character in cmdline", "/provision/vm/boot/cmdline", &|d| {
-        d["provision"]["vm"]["boot"]["cmdline"] = json!("quiet\u{7}")
-    });
+    case(
+        "console listen not an IP",
+        "/provision/vm/console/listen",
+        &|d| d["provision"]["vm"]["console"]["listen"] = json!("0.0.0.0'/>"),
+    );
+    case(
+        "control character in cmdline",
+        "/provision/vm/boot/cmdline",
+        &|d| d["provision"]["vm"]["boot"]["cmdline"] = json!("quiet\u{7}"),
+    );
     case("two credentials", "/provision/finish", &|d| {
         d["provision"]["finish"]["password"] = json!("hunter2")
     });
@@ -138,7 +170,9 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
     case("zero timeout", "/provision/timeouts/address_secs", &|d| {
         d["provision"]["timeouts"]["address_secs"] = json!(0)
     });
-    case("odd URI scheme", "/hypervisor", &|d| d["hypervisor"] = json!("file:///etc/passwd"));
+    case("odd URI scheme", "/hypervisor", &|d| {
+        d["hypervisor"] = json!("file:///etc/passwd")
+    });
     case("static address without ip", "/provision/address", &|d| {
         d["provision"]["address"] = json!({ "source": "static" })
     });
@@ -163,7 +197,10 @@ fn invalid_samples_are_refused_by_schema_and_types_alike() {
             "{what}: the schema does not name {path}: {schema:?}"
         );
         assert!(!type_errors(&doc).is_empty(), "{what}: the types accept it");
-        assert!(job::parse_value(&doc, &Limits::default()).is_err(), "{what}: parse accepts it");
+        assert!(
+            job::parse_value(&doc, &Limits::default()).is_err(),
+            "{what}: parse accepts it"
+        );
     }
 }
 
@@ -172,7 +209,10 @@ fn schema_errors_never_echo_a_password() {
     let mut doc = valid();
     doc["provision"]["finish"]["password"] = json!("hunter2-secret");
     let rejected = job::parse_value(&doc, &Limits::default()).unwrap_err();
-    assert!(!rejected.to_string().contains("hunter2-secret"), "{rejected}");
+    assert!(
+        !rejected.to_string().contains("hunter2-secret"),
+        "{rejected}"
+    );
 }
 
 #[test]
@@ -196,13 +236,24 @@ fn validate_names_the_field_of_a_hostile_name_and_exits_1() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.contains("good.json: ok"), "{stdout}");
     assert!(stdout.contains("bad.json: /provision/vm/name:"), "{stdout}");
-    assert!(stdout.contains("bad.json: /provision:"), "every problem, not just the first: {stdout}");
+    assert!(
+        stdout.contains("bad.json: /provision:"),
+        "every problem, not just the first: {stdout}"
+    );
 }
 
 #[test]
 fn oversized_messages_are_refused_before_parsing() {
-    let limits = Limits { message_bytes: 100, ..Limits::default() };
+    let limits = Limits {
+        message_bytes: 100,
+        ..Limits::default()
+    };
     let rejected = job::parse(valid().to_string().as_bytes(), &limits).unwrap_err();
     assert_eq!(rejected.reason(), "too_large");
-    assert_eq!(job::parse(b"{not json", &Limits::default()).unwrap_err().reason(), "not_json");
+    assert_eq!(
+        job::parse(b"{not json", &Limits::default())
+            .unwrap_err()
+            .reason(),
+        "not_json"
+    );
 }

@@ -1,4 +1,5 @@
 //! The whole pipeline on libvirt's test driver: every stage, re-runs, rollback, refusals.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -36,7 +37,12 @@ impl EventSink for Collect {
 
 impl Collect {
     fn kinds(&self) -> Vec<EventKind> {
-        self.0.lock().unwrap().iter().filter_map(Event::kind).collect()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Event::kind)
+            .collect()
     }
 
     fn last(&self) -> Event {
@@ -62,7 +68,11 @@ async fn run(p: &Pipeline, job: Job) -> (Outcome, Collect) {
 async fn inventory(p: &Pipeline, uri: &str) -> (Vec<String>, Vec<String>) {
     let hv = p.hypervisors.get(uri);
     hv.call(Op::ListDomains, |conn| {
-        let domains = conn.list_all_domains(0)?.iter().map(|d| d.name()).collect::<Result<_, _>>()?;
+        let domains = conn
+            .list_all_domains(0)?
+            .iter()
+            .map(|d| d.name())
+            .collect::<Result<_, _>>()?;
         let volumes = conn.lookup_storage_pool_by_name(POOL)?.list_volumes()?;
         Ok((domains, volumes))
     })
@@ -72,18 +82,28 @@ async fn inventory(p: &Pipeline, uri: &str) -> (Vec<String>, Vec<String>) {
 
 async fn domain_xml(p: &Pipeline, uri: &str, name: &str) -> String {
     let (hv, n) = (p.hypervisors.get(uri), name.to_owned());
-    hv.call(Op::ReadDomain { name: name.into() }, move |c| c.lookup_domain_by_name(&n)?.xml_desc(0))
-        .await
-        .expect("domain xml")
+    hv.call(Op::ReadDomain { name: name.into() }, move |c| {
+        c.lookup_domain_by_name(&n)?.xml_desc(0)
+    })
+    .await
+    .expect("domain xml")
 }
 
 fn validate_event(event: &Event) {
-    let schema: Value =
-        serde_json::from_str(include_str!("../schemas/event.schema.json")).unwrap();
-    let validator = jsonschema::options().should_validate_formats(true).build(&schema).unwrap();
+    let schema: Value = serde_json::from_str(include_str!("../schemas/event.schema.json")).unwrap();
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
     let value = serde_json::to_value(event).unwrap();
-    let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "event does not match its schema: {errors:?}\n{value:#}");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "event does not match its schema: {errors:?}\n{value:#}"
+    );
 }
 
 #[tokio::test]
@@ -115,8 +135,14 @@ async fn provisions_a_vm_through_every_stage() {
     // The domain runs from the overlay and carries hatchery's metadata.
     let xml = domain_xml(&p, &host.uri, "web-01").await;
     assert!(xml.contains("https://hatchery.dev/xmlns/job/1"), "{xml}");
-    assert!(xml.contains(&format!("web-01-{}.qcow2", result["job_id"].as_str().unwrap())));
-    assert!(xml.contains("listen='0.0.0.0'") || xml.contains("listen=\"0.0.0.0\""), "{xml}");
+    assert!(xml.contains(&format!(
+        "web-01-{}.qcow2",
+        result["job_id"].as_str().unwrap()
+    )));
+    assert!(
+        xml.contains("listen='0.0.0.0'") || xml.contains("listen=\"0.0.0.0\""),
+        "{xml}"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +172,12 @@ async fn rerunning_after_each_stage_reuses_what_exists() {
         let uuid_before = cx.facts.domain_uuid;
 
         let (outcome, events) = run(&p, (*job).clone()).await;
-        assert_eq!(outcome, Outcome::Succeeded, "after {done} stages: {:?}", events.result());
+        assert_eq!(
+            outcome,
+            Outcome::Succeeded,
+            "after {done} stages: {:?}",
+            events.result()
+        );
         let (domains, volumes) = inventory(&p, &host.uri).await;
         assert_eq!(domains, vec!["rerun".to_owned()], "after {done} stages");
         assert_eq!(volumes.len(), 2, "after {done} stages: {volumes:?}");
@@ -161,10 +192,15 @@ async fn a_failed_finish_rolls_back_domain_and_overlay() {
     let host = TestHost::new();
     let p = pipeline();
     // Nothing listens on this loopback port, so the finish stage can never log in.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut doc = jobs::provision(&host.uri, "doomed");
-    doc["provision"]["address"] = json!({ "source": "static", "ip": "127.0.0.1", "port": closed.port() });
-    doc["provision"]["finish"] = json!({ "user": "root", "password": "pw-not-logged", "script": "true" });
+    doc["provision"]["address"] =
+        json!({ "source": "static", "ip": "127.0.0.1", "port": closed.port() });
+    doc["provision"]["finish"] =
+        json!({ "user": "root", "password": "pw-not-logged", "script": "true" });
     doc["provision"]["timeouts"]["finish_secs"] = json!(1);
 
     let (outcome, events) = run(&p, jobs::parse(&doc)).await;
@@ -179,7 +215,10 @@ async fn a_failed_finish_rolls_back_domain_and_overlay() {
     assert_eq!(volumes, vec![BASE.to_owned()]);
     validate_event(&events.last());
     let all = serde_json::to_string(&*events.0.lock().unwrap()).unwrap();
-    assert!(!all.contains("pw-not-logged"), "the password leaked into an event");
+    assert!(
+        !all.contains("pw-not-logged"),
+        "the password leaked into an event"
+    );
 }
 
 #[tokio::test]
@@ -213,7 +252,10 @@ async fn made_up_addresses_of_the_test_driver_are_never_contacted() {
     assert_eq!(outcome, Outcome::Failed);
     let failure = &events.result()["failure"];
     assert_eq!(failure["class"], "refused");
-    assert!(failure["message"].as_str().unwrap().contains("made up"), "{failure}");
+    assert!(
+        failure["message"].as_str().unwrap().contains("made up"),
+        "{failure}"
+    );
     assert_eq!(inventory(&p, &host.uri).await.1, vec![BASE.to_owned()]);
 }
 
@@ -227,7 +269,10 @@ async fn a_disk_below_the_base_is_refused() {
     let (outcome, events) = run(&p, jobs::parse(&doc)).await;
 
     assert_eq!(outcome, Outcome::Failed);
-    let message = events.result()["failure"]["message"].as_str().unwrap().to_owned();
+    let message = events.result()["failure"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(message.contains("below the base image"), "{message}");
     assert_eq!(inventory(&p, &host.uri).await.1, vec![BASE.to_owned()]);
 }
@@ -247,7 +292,10 @@ async fn a_base_with_its_own_backing_file_is_refused() {
     let (outcome, events) = run(&p, jobs::parse(&doc)).await;
 
     assert_eq!(outcome, Outcome::Failed);
-    let message = events.result()["failure"]["message"].as_str().unwrap().to_owned();
+    let message = events.result()["failure"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(message.contains("backing file of its own"), "{message}");
 }
 
@@ -272,7 +320,10 @@ async fn a_pinned_digest_accepts_the_base_and_refuses_a_modified_one() {
     bad["provision"]["vm"]["base"]["sha256"] = json!(digest);
     let (outcome, events) = run(&p, jobs::parse(&bad)).await;
     assert_eq!(outcome, Outcome::Failed);
-    let message = events.result()["failure"]["message"].as_str().unwrap().to_owned();
+    let message = events.result()["failure"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(message.contains("not the pinned"), "{message}");
 }
 
@@ -286,10 +337,22 @@ async fn a_domain_of_another_job_is_neither_adopted_nor_removed() {
     let (second, events) = run(&p, jobs::parse(&jobs::provision(&host.uri, "taken"))).await;
 
     assert_eq!(second, Outcome::Failed);
-    assert!(events.result()["failure"]["message"].as_str().unwrap().contains("another job"));
+    assert!(
+        events.result()["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another job")
+    );
     let (domains, volumes) = inventory(&p, &host.uri).await;
-    assert!(domains.contains(&"taken".to_owned()), "the first job's domain survives");
-    assert_eq!(volumes.len(), 2, "the first job's overlay survives, the second's is gone");
+    assert!(
+        domains.contains(&"taken".to_owned()),
+        "the first job's domain survives"
+    );
+    assert_eq!(
+        volumes.len(),
+        2,
+        "the first job's overlay survives, the second's is gone"
+    );
 }
 
 #[tokio::test]
@@ -317,21 +380,36 @@ async fn deprovision_refuses_a_domain_hatchery_did_not_make() {
     let p = pipeline();
     // The test driver's default host has no domains; define one the way an operator would.
     let hv = p.hypervisors.get(&host.uri);
-    hv.call(Op::DefineDomain { name: "foreign".into() }, |c| {
-        c.define_domain_xml(
-            "<domain type='test'><name>foreign</name><memory>65536</memory>\
+    hv.call(
+        Op::DefineDomain {
+            name: "foreign".into(),
+        },
+        |c| {
+            c.define_domain_xml(
+                "<domain type='test'><name>foreign</name><memory>65536</memory>\
              <os><type>hvm</type></os></domain>",
-        )
-        .map(|_| ())
-    })
+            )
+            .map(|_| ())
+        },
+    )
     .await
     .unwrap();
 
     let (outcome, events) = run(&p, jobs::parse(&jobs::deprovision(&host.uri, "foreign"))).await;
 
     assert_eq!(outcome, Outcome::Failed);
-    assert!(events.result()["failure"]["message"].as_str().unwrap().contains("not made by"));
-    assert!(inventory(&p, &host.uri).await.0.contains(&"foreign".to_owned()));
+    assert!(
+        events.result()["failure"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not made by")
+    );
+    assert!(
+        inventory(&p, &host.uri)
+            .await
+            .0
+            .contains(&"foreign".to_owned())
+    );
 }
 
 #[tokio::test]
@@ -345,7 +423,9 @@ async fn an_unknown_hypervisor_name_is_rejected() {
     assert_eq!(outcome, Outcome::Rejected);
     let event = events.last();
     assert_eq!(event.kind(), Some(EventKind::JobRejected));
-    let EventData::Rejected(rejection) = &event.data else { panic!("not a rejection") };
+    let EventData::Rejected(rejection) = &event.data else {
+        panic!("not a rejection")
+    };
     assert_eq!(rejection.reason, "unknown_hypervisor");
     validate_event(&event);
 }
@@ -354,9 +434,13 @@ async fn an_unknown_hypervisor_name_is_rejected() {
 async fn cancelling_stops_the_job_and_rolls_it_back() {
     let host = TestHost::new();
     let p = pipeline();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut doc = jobs::provision(&host.uri, "cancelled");
-    doc["provision"]["address"] = json!({ "source": "static", "ip": "127.0.0.1", "port": closed.port() });
+    doc["provision"]["address"] =
+        json!({ "source": "static", "ip": "127.0.0.1", "port": closed.port() });
     doc["provision"]["finish"] = json!({ "user": "root", "password": "x", "script": "true" });
     let job = jobs::parse(&doc);
 

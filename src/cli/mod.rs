@@ -1,4 +1,7 @@
 //! The `hatchery` command line: one file per subcommand.
+//!
+//! The only module that writes to stdout: its subcommands' output is their interface.
+#![allow(clippy::print_stdout)]
 
 mod run;
 mod validate;
@@ -40,10 +43,16 @@ pub enum Command {
 /// Logs go to stderr; `RUST_LOG` refines the level (`info` by default).
 pub fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 

@@ -77,7 +77,9 @@ impl EventKind {
     }
 
     pub fn from_type(ty: &str) -> Option<EventKind> {
-        Self::ALL.into_iter().find(|k| ty.ends_with(&format!(".{}", k.routing_key())))
+        Self::ALL
+            .into_iter()
+            .find(|k| ty.ends_with(&format!(".{}", k.routing_key())))
     }
 }
 
@@ -110,7 +112,10 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(worker: &str) -> Self {
-        Self { source: format!("hatchery://{worker}"), prefix: DEFAULT_PREFIX.to_owned() }
+        Self {
+            source: format!("hatchery://{worker}"),
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
     }
 
     /// Builds an event. `key` distinguishes events of the same kind about the same subject

@@ -20,17 +20,23 @@ pub struct JsonLinesSink<W: Write + Send> {
 
 impl JsonLinesSink<std::io::Stdout> {
     pub fn stdout() -> Self {
-        Self { out: Mutex::new(std::io::stdout()) }
+        Self {
+            out: Mutex::new(std::io::stdout()),
+        }
     }
 }
 
 impl<W: Write + Send> JsonLinesSink<W> {
     pub fn new(out: W) -> Self {
-        Self { out: Mutex::new(out) }
+        Self {
+            out: Mutex::new(out),
+        }
     }
 
     pub fn into_inner(self) -> W {
-        self.out.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.out
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -39,7 +45,10 @@ impl<W: Write + Send> EventSink for JsonLinesSink<W> {
         Box::pin(async move {
             let mut line = serde_json::to_vec(&event).expect("events always serialise");
             line.push(b'\n');
-            let mut out = self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut out = self
+                .out
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             // A closed stdout (a pipe whose reader left) must not stop the job; the events
             // are also in the log.
             let _ = out.write_all(&line).and_then(|()| out.flush());

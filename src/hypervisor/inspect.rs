@@ -36,7 +36,10 @@ pub fn volume(xml: &str) -> Result<VolumeFacts, InspectError> {
         .and_then(|t| t.trim().parse().ok())
         .ok_or(InspectError::Missing("capacity"))?;
     let target = find(root, "target").ok_or(InspectError::Missing("target"))?;
-    let path = find(target, "path").and_then(|n| n.text()).unwrap_or_default().to_owned();
+    let path = find(target, "path")
+        .and_then(|n| n.text())
+        .unwrap_or_default()
+        .to_owned();
     let format = find(target, "format")
         .and_then(|n| n.attribute("type"))
         .unwrap_or("raw")
@@ -48,14 +51,20 @@ pub fn volume(xml: &str) -> Result<VolumeFacts, InspectError> {
 
     let backing = find(root, "backingStore");
     let backing_path = backing.and_then(|b| find(b, "path")).and_then(|n| n.text());
-    let backing_format = backing.and_then(|b| find(b, "format")).and_then(|n| n.attribute("type"));
-    let has_data_file = root.descendants().any(|n| n.tag_name().name() == "dataStore");
+    let backing_format = backing
+        .and_then(|b| find(b, "format"))
+        .and_then(|n| n.attribute("type"));
+    let has_data_file = root
+        .descendants()
+        .any(|n| n.tag_name().name() == "dataStore");
 
     Ok(VolumeFacts {
         path,
         capacity_bytes: capacity,
         format,
-        backing_path: backing_path.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()),
+        backing_path: backing_path
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty()),
         backing_format: backing_format.map(str::to_owned),
         has_data_file,
         mtime,
@@ -84,7 +93,11 @@ pub fn domain(xml: &str) -> Result<DomainFacts, InspectError> {
         let child = |name: &str| iface.children().find(|n| n.has_tag_name(name));
         if let Some(mac) = child("mac").and_then(|n| n.attribute("address")) {
             macs.push(mac.to_ascii_lowercase());
-            networks.push(child("source").and_then(|n| n.attribute("network")).map(str::to_owned));
+            networks.push(
+                child("source")
+                    .and_then(|n| n.attribute("network"))
+                    .map(str::to_owned),
+            );
         }
     }
     let disk_path = devices
@@ -94,5 +107,9 @@ pub fn domain(xml: &str) -> Result<DomainFacts, InspectError> {
         .and_then(|s| s.attribute("file"))
         .map(str::to_owned);
 
-    Ok(DomainFacts { macs, networks, disk_path })
+    Ok(DomainFacts {
+        macs,
+        networks,
+        disk_path,
+    })
 }

@@ -22,9 +22,8 @@ pub fn for_mac(network: &Network, mac: &str) -> Result<Vec<Lease>, virt::error::
 
     // SAFETY: the network handle is live for the call; on success libvirt hands over an array
     // of `count` leases that we own and free below, each exactly once.
-    let count = unsafe {
-        sys::virNetworkGetDHCPLeases(network.as_ptr(), mac.as_ptr(), &mut array, 0)
-    };
+    let count =
+        unsafe { sys::virNetworkGetDHCPLeases(network.as_ptr(), mac.as_ptr(), &mut array, 0) };
     if count < 0 {
         return Err(virt::error::Error::last_error());
     }
@@ -62,7 +61,9 @@ unsafe fn string(ptr: *const c_char) -> String {
         String::new()
     } else {
         // SAFETY: guaranteed by the caller.
-        unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 

@@ -47,7 +47,13 @@ impl JobMetadata {
 
     fn build(&self, prefixed: bool) -> Element {
         // Element names are static: pick the prefixed or bare spelling of each.
-        let name = |with: &'static str| if prefixed { with } else { &with[PREFIX.len() + 1..] };
+        let name = |with: &'static str| {
+            if prefixed {
+                with
+            } else {
+                &with[PREFIX.len() + 1..]
+            }
+        };
         let mut el = Element::new(name("hatchery:job"))
             .child(Element::leaf(name("hatchery:id"), self.job_id))
             .child(Element::leaf(name("hatchery:attempt"), self.attempt))
@@ -58,7 +64,9 @@ impl JobMetadata {
             );
         if let Some(batch) = &self.batch {
             el = el.child(
-                Element::new(name("hatchery:batch")).attr("id", &batch.id).attr("size", batch.size),
+                Element::new(name("hatchery:batch"))
+                    .attr("id", &batch.id)
+                    .attr("size", batch.size),
             );
         }
         if let Some(stage) = self.stage {
@@ -86,7 +94,10 @@ impl JobMetadata {
         let attempt = text("attempt").and_then(|t| t.parse().ok()).unwrap_or(1);
         let overlay = child("overlay").ok_or(MetadataError::Missing("overlay"))?;
         let batch = child("batch").and_then(|b| {
-            Some(BatchRef { id: b.attribute("id")?.to_owned(), size: b.attribute("size")?.parse().ok()? })
+            Some(BatchRef {
+                id: b.attribute("id")?.to_owned(),
+                size: b.attribute("size")?.parse().ok()?,
+            })
         });
 
         Ok(Self {
@@ -95,7 +106,10 @@ impl JobMetadata {
             attempt,
             stage: text("stage").and_then(|t| StageKind::from_str(t).ok()),
             base_sha256: text("base-sha256").map(str::to_owned),
-            overlay_pool: overlay.attribute("pool").ok_or(MetadataError::Missing("pool"))?.into(),
+            overlay_pool: overlay
+                .attribute("pool")
+                .ok_or(MetadataError::Missing("pool"))?
+                .into(),
             overlay_volume: overlay
                 .attribute("volume")
                 .ok_or(MetadataError::Missing("volume"))?
@@ -121,7 +135,10 @@ mod tests {
     fn round_trips_through_xml_without_the_prefix() {
         let meta = JobMetadata {
             job_id: Uuid::new_v4(),
-            batch: Some(BatchRef { id: "b1".into(), size: 3 }),
+            batch: Some(BatchRef {
+                id: "b1".into(),
+                size: 3,
+            }),
             attempt: 2,
             stage: Some(StageKind::Domain),
             base_sha256: Some("ab".repeat(32)),

@@ -29,12 +29,19 @@ pub struct Hypervisor {
 
 impl Hypervisor {
     pub fn new(uri: impl Into<String>) -> Self {
-        Self { uri: uri.into(), conn: Mutex::new(None), pool_locks: Mutex::default() }
+        Self {
+            uri: uri.into(),
+            conn: Mutex::new(None),
+            pool_locks: Mutex::default(),
+        }
     }
 
     /// The lock that serialises volume creation in `pool` among this worker's jobs.
     pub fn pool_lock(&self, pool: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.pool_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut locks = self
+            .pool_locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Arc::clone(locks.entry(pool.to_owned()).or_default())
     }
 
@@ -73,12 +80,21 @@ impl Hypervisor {
 
     fn connection(&self) -> Result<Connect, LibvirtError> {
         silence_libvirt_stderr();
-        let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let conn = Connect::open(Some(&self.uri))
-            .map_err(|e| LibvirtError::new(Op::Connect { uri: self.uri.clone() }, e))?;
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| {
+            LibvirtError::new(
+                Op::Connect {
+                    uri: self.uri.clone(),
+                },
+                e,
+            )
+        })?;
         // Keepalive lets libvirt notice a dead daemon within seconds instead of hanging.
         let _ = conn.set_keep_alive(5, 3);
         debug!(uri = %self.uri, "libvirt connection opened");
@@ -89,7 +105,10 @@ impl Hypervisor {
     /// Drops the cached connection. Should another thread have replaced it already, the cost is
     /// one extra reconnect, never a wrong answer.
     fn forget(&self) {
-        *self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        *self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 }
 
@@ -107,7 +126,13 @@ pub struct Hypervisors {
 
 impl Hypervisors {
     pub fn get(&self, uri: &str) -> Arc<Hypervisor> {
-        let mut map = self.by_uri.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Arc::clone(map.entry(uri.to_owned()).or_insert_with(|| Arc::new(Hypervisor::new(uri))))
+        let mut map = self
+            .by_uri
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(
+            map.entry(uri.to_owned())
+                .or_insert_with(|| Arc::new(Hypervisor::new(uri))),
+        )
     }
 }

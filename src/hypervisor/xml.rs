@@ -24,7 +24,11 @@ enum Node {
 
 impl Element {
     pub fn new(name: &'static str) -> Self {
-        Self { name, attrs: Vec::new(), children: Vec::new() }
+        Self {
+            name,
+            attrs: Vec::new(),
+            children: Vec::new(),
+        }
     }
 
     pub fn attr(mut self, name: &'static str, value: impl ToString) -> Self {
@@ -38,7 +42,8 @@ impl Element {
     }
 
     pub fn children(mut self, children: impl IntoIterator<Item = Element>) -> Self {
-        self.children.extend(children.into_iter().map(Node::Element));
+        self.children
+            .extend(children.into_iter().map(Node::Element));
         self
     }
 
@@ -106,10 +111,19 @@ pub fn escape(value: &str) -> String {
 
 /// A qcow2 overlay volume backed by `backing_path`, whose format is recorded so that QEMU never
 /// has to guess it (guessing a raw base as qcow2 is a known escalation path).
-pub fn overlay_volume(name: &str, capacity_bytes: u64, backing_path: &str, backing_format: &str) -> String {
+pub fn overlay_volume(
+    name: &str,
+    capacity_bytes: u64,
+    backing_path: &str,
+    backing_format: &str,
+) -> String {
     Element::new("volume")
         .child(Element::leaf("name", name))
-        .child(Element::new("capacity").attr("unit", "bytes").text(capacity_bytes))
+        .child(
+            Element::new("capacity")
+                .attr("unit", "bytes")
+                .text(capacity_bytes),
+        )
         .child(Element::new("target").child(Element::new("format").attr("type", "qcow2")))
         .child(
             Element::new("backingStore")
@@ -168,16 +182,26 @@ pub fn domain(spec: &DomainSpec) -> String {
     let disk = Element::new("disk")
         .attr("type", "file")
         .attr("device", "disk")
-        .child(Element::new("driver").attr("name", "qemu").attr("type", "qcow2"))
+        .child(
+            Element::new("driver")
+                .attr("name", "qemu")
+                .attr("type", "qcow2"),
+        )
         .child(Element::new("source").attr("file", &spec.disk_path))
-        .child(Element::new("target").attr("dev", "vda").attr("bus", "virtio"));
+        .child(
+            Element::new("target")
+                .attr("dev", "vda")
+                .attr("bus", "virtio"),
+        );
 
     let nics = spec.nics.iter().map(|nic| {
         let (kind, source) = match &nic.attach {
             NicAttach::Network { network } => {
                 ("network", Element::new("source").attr("network", network))
             }
-            NicAttach::Bridge { bridge } => ("bridge", Element::new("source").attr("bridge", bridge)),
+            NicAttach::Bridge { bridge } => {
+                ("bridge", Element::new("source").attr("bridge", bridge))
+            }
         };
         Element::new("interface")
             .attr("type", kind)
@@ -195,7 +219,11 @@ pub fn domain(spec: &DomainSpec) -> String {
         .attr("type", graphics_type)
         .attr("autoport", "yes")
         .attr("listen", &listen)
-        .child(Element::new("listen").attr("type", "address").attr("address", &listen));
+        .child(
+            Element::new("listen")
+                .attr("type", "address")
+                .attr("address", &listen),
+        );
 
     let mut serial = Element::new("serial").attr("type", "pty");
     if let Some(log) = &spec.serial_log {
@@ -213,7 +241,11 @@ pub fn domain(spec: &DomainSpec) -> String {
         .attr("type", spec.domain_type.as_str())
         .child(Element::leaf("name", &spec.name))
         .child(Element::new("metadata").child(spec.metadata.clone()))
-        .child(Element::new("memory").attr("unit", "MiB").text(spec.memory_mib))
+        .child(
+            Element::new("memory")
+                .attr("unit", "MiB")
+                .text(spec.memory_mib),
+        )
         .child(Element::leaf("vcpu", spec.vcpus))
         .child(os)
         .child(Element::new("features").child(Element::new("acpi")))
@@ -230,9 +262,18 @@ mod tests {
 
     #[test]
     fn values_are_escaped_and_cannot_add_elements() {
-        let xml = Element::new("a").attr("x", "'/><evil/>").text("</a><evil/>").render();
+        let xml = Element::new("a")
+            .attr("x", "'/><evil/>")
+            .text("</a><evil/>")
+            .render();
         let doc = roxmltree::Document::parse(&xml).expect("well-formed");
-        assert_eq!(doc.root_element().children().filter(|n| n.is_element()).count(), 0);
+        assert_eq!(
+            doc.root_element()
+                .children()
+                .filter(|n| n.is_element())
+                .count(),
+            0
+        );
         assert_eq!(doc.root_element().attribute("x"), Some("'/><evil/>"));
         assert_eq!(doc.root_element().text(), Some("</a><evil/>"));
     }

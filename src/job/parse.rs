@@ -20,13 +20,20 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "/" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
         write!(f, "{path}: {}", self.message)
     }
 }
@@ -68,7 +75,10 @@ fn list(problems: &[Problem]) -> String {
 /// Parses and validates one message: size, JSON syntax, the schema, then the semantic rules.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Job, RejectedJob> {
     if bytes.len() > limits.message_bytes {
-        return Err(RejectedJob::TooLarge { size: bytes.len(), limit: limits.message_bytes });
+        return Err(RejectedJob::TooLarge {
+            size: bytes.len(),
+            limit: limits.message_bytes,
+        });
     }
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         // serde_json's message names a line and column, never the content.
@@ -90,7 +100,11 @@ pub fn parse_value(value: &Value, limits: &Limits) -> Result<Job, RejectedJob> {
         .map_err(|e| RejectedJob::Invalid(vec![Problem::new("", e.to_string())]))?;
 
     let problems = super::validate(&job, limits);
-    if problems.is_empty() { Ok(job) } else { Err(RejectedJob::Invalid(problems)) }
+    if problems.is_empty() {
+        Ok(job)
+    } else {
+        Err(RejectedJob::Invalid(problems))
+    }
 }
 
 fn schema_problems(value: &Value) -> Vec<Problem> {

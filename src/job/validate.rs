@@ -12,12 +12,21 @@ const MAX_TIMEOUT_SECS: u64 = 86_400;
 const NIC_MODELS: &[&str] = &["virtio", "e1000", "e1000e", "rtl8139", "ne2k_pci", "pcnet"];
 
 /// libvirt URI schemes hatchery connects through.
-const URI_SCHEMES: &[&str] =
-    &["qemu", "qemu+ssh", "qemu+tcp", "qemu+tls", "qemu+unix", "qemu+libssh2", "test"];
+const URI_SCHEMES: &[&str] = &[
+    "qemu",
+    "qemu+ssh",
+    "qemu+tcp",
+    "qemu+tls",
+    "qemu+unix",
+    "qemu+libssh2",
+    "test",
+];
 
 /// Returns every problem with `job`; an empty list means the job is acceptable.
 pub fn validate(job: &Job, limits: &Limits) -> Vec<Problem> {
-    let mut v = Checker { problems: Vec::new() };
+    let mut v = Checker {
+        problems: Vec::new(),
+    };
 
     v.hypervisor("/hypervisor", &job.hypervisor);
     if let Some(batch) = &job.batch {
@@ -46,7 +55,12 @@ impl Checker {
         let vm = &p.vm;
         self.name("/provision/vm/name", &vm.name, 63);
         self.range("/provision/vm/vcpus", vm.vcpus.into(), 1, 512);
-        self.range("/provision/vm/memory_mib", vm.memory_mib, 16, 16 * 1024 * 1024);
+        self.range(
+            "/provision/vm/memory_mib",
+            vm.memory_mib,
+            16,
+            16 * 1024 * 1024,
+        );
         if let Some(gib) = vm.disk_gib {
             self.range("/provision/vm/disk_gib", gib, 1, 64 * 1024);
         }
@@ -69,7 +83,10 @@ impl Checker {
         }
 
         if vm.nics.is_empty() || vm.nics.len() > limits.nics {
-            self.fail("/provision/vm/nics", format!("must hold 1 to {} NICs", limits.nics));
+            self.fail(
+                "/provision/vm/nics",
+                format!("must hold 1 to {} NICs", limits.nics),
+            );
         }
         for (i, nic) in vm.nics.iter().enumerate() {
             let at = format!("/provision/vm/nics/{i}");
@@ -78,7 +95,10 @@ impl Checker {
                 NicAttach::Bridge { bridge } => self.name(&format!("{at}/bridge"), bridge, 15),
             }
             if !NIC_MODELS.contains(&nic.model.as_str()) {
-                self.fail(&format!("{at}/model"), format!("must be one of {NIC_MODELS:?}"));
+                self.fail(
+                    &format!("{at}/model"),
+                    format!("must be one of {NIC_MODELS:?}"),
+                );
             }
             if let Some(mac) = &nic.mac {
                 self.mac(&format!("{at}/mac"), mac);
@@ -116,7 +136,12 @@ impl Checker {
             ("finish_secs", t.finish_secs),
         ] {
             if let Some(secs) = value {
-                self.range(&format!("/provision/timeouts/{key}"), secs, 1, MAX_TIMEOUT_SECS);
+                self.range(
+                    &format!("/provision/timeouts/{key}"),
+                    secs,
+                    1,
+                    MAX_TIMEOUT_SECS,
+                );
             }
         }
     }
@@ -124,10 +149,15 @@ impl Checker {
     fn finish(&mut self, f: &super::FinishSpec, limits: &Limits) {
         let user_ok = !f.user.is_empty()
             && f.user.len() <= 32
-            && f.user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && f.user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             && !f.user.starts_with('-');
         if !user_ok {
-            self.fail("/provision/finish/user", "must be 1 to 32 of [A-Za-z0-9._-], not led by -");
+            self.fail(
+                "/provision/finish/user",
+                "must be 1 to 32 of [A-Za-z0-9._-], not led by -",
+            );
         }
         if f.script.is_empty() {
             self.fail("/provision/finish/script", "must not be empty");
@@ -135,22 +165,36 @@ impl Checker {
         if f.script.len() > limits.script_bytes {
             self.fail(
                 "/provision/finish/script",
-                format!("is {} bytes, above the limit of {}", f.script.len(), limits.script_bytes),
+                format!(
+                    "is {} bytes, above the limit of {}",
+                    f.script.len(),
+                    limits.script_bytes
+                ),
             );
         }
         if f.script.contains('\0') {
             self.fail("/provision/finish/script", "must not contain NUL");
         }
-        self.range("/provision/finish/timeout_secs", f.timeout_secs, 1, MAX_TIMEOUT_SECS);
+        self.range(
+            "/provision/finish/timeout_secs",
+            f.timeout_secs,
+            1,
+            MAX_TIMEOUT_SECS,
+        );
         if f.port == Some(0) {
             self.fail("/provision/finish/port", "must not be 0");
         }
         if let Some(key) = &f.host_key {
             let body = key.strip_prefix("SHA256:").unwrap_or("");
             let ok = body.len() == 43
-                && body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
             if !ok {
-                self.fail("/provision/finish/host_key", "must be an OpenSSH SHA256: fingerprint");
+                self.fail(
+                    "/provision/finish/host_key",
+                    "must be an OpenSSH SHA256: fingerprint",
+                );
             }
         }
         match &f.credential {
@@ -168,8 +212,13 @@ impl Checker {
     /// A name that becomes an XML value, a file name or a libvirt object name: a letter or digit,
     /// then letters, digits, `.`, `_` or `-`; never `..`.
     fn name(&mut self, path: &str, value: &str, max: usize) {
-        let first_ok = value.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
-        let rest_ok = value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        let first_ok = value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+        let rest_ok = value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if value.is_empty() || value.len() > max || !first_ok || !rest_ok || value.contains("..") {
             self.fail(
                 path,
@@ -184,20 +233,30 @@ impl Checker {
     /// An absolute path on the hypervisor, without `..` or characters a shell or XML would treat
     /// specially.
     fn path(&mut self, path: &str, value: &str) {
-        let chars_ok = value.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b));
+        let chars_ok = value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b));
         let no_dotdot = value.split('/').all(|segment| segment != "..");
         if !value.starts_with('/') || value.len() > 4096 || !chars_ok || !no_dotdot {
-            self.fail(path, "must be an absolute path of [A-Za-z0-9/._+-] without '..'");
+            self.fail(
+                path,
+                "must be an absolute path of [A-Za-z0-9/._+-] without '..'",
+            );
         }
     }
 
     fn mac(&mut self, path: &str, value: &str) {
         let octets: Vec<&str> = value.split(':').collect();
         let shape = octets.len() == 6
-            && octets.iter().all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+            && octets
+                .iter()
+                .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
         let unicast = shape && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0);
         if !unicast {
-            self.fail(path, "must be a unicast MAC address such as 52:54:00:12:34:56");
+            self.fail(
+                path,
+                "must be a unicast MAC address such as 52:54:00:12:34:56",
+            );
         }
     }
 
@@ -217,7 +276,10 @@ impl Checker {
         }
         let printable = rest.bytes().all(|b| b.is_ascii_graphic()) && value.len() <= 1024;
         if !printable {
-            self.fail(path, "URI must be printable ASCII without spaces, at most 1024 bytes");
+            self.fail(
+                path,
+                "URI must be printable ASCII without spaces, at most 1024 bytes",
+            );
         }
     }
 }

@@ -30,7 +30,12 @@ impl TryFrom<Job> for super::Job {
             (None, Some(d)) => super::Work::Deprovision(d),
             _ => return Err("a job holds exactly one of `provision` and `deprovision`"),
         };
-        Ok(Self { id: raw.id, batch: raw.batch, hypervisor: raw.hypervisor, work })
+        Ok(Self {
+            id: raw.id,
+            batch: raw.batch,
+            hypervisor: raw.hypervisor,
+            work,
+        })
     }
 }
 
@@ -56,7 +61,10 @@ impl TryFrom<BaseImage> for super::BaseImage {
             (None, None, Some(path)) => BaseLocation::Path { path },
             _ => return Err("a base image is either `pool` and `volume`, or `path`"),
         };
-        Ok(Self { location, sha256: raw.sha256 })
+        Ok(Self {
+            location,
+            sha256: raw.sha256,
+        })
     }
 }
 
@@ -83,7 +91,11 @@ impl TryFrom<NicSpec> for super::NicSpec {
             _ => return Err("a NIC names exactly one of `network` and `bridge`"),
         };
         let model = raw.model.unwrap_or_else(|| "virtio".to_owned());
-        Ok(Self { attach, model, mac: raw.mac })
+        Ok(Self {
+            attach,
+            model,
+            mac: raw.mac,
+        })
     }
 }
 

@@ -28,7 +28,8 @@ impl Stage for Address {
         let port = spec.finish.as_ref().and_then(|f| f.port);
         let source = spec.address.clone();
         if let AddressSource::Static { ip, port: given } = source {
-            return Ok(found(cx, SocketAddr::new(ip, port.unwrap_or(given))));
+            found(cx, SocketAddr::new(ip, port.unwrap_or(given)));
+            return Ok(());
         }
 
         let mac = cx.facts.macs.first().cloned().unwrap_or_else(|| cx.mac(0));
@@ -51,7 +52,8 @@ impl Stage for Address {
             match attempt {
                 Ok(Some(ip)) => {
                     let port = port.unwrap_or(22);
-                    return Ok(found(cx, SocketAddr::new(ip, port)));
+                    found(cx, SocketAddr::new(ip, port));
+                    return Ok(());
                 }
                 Ok(None) => trace!(mac = %mac, "no address yet"),
                 Err(e) if e.is_transient() || matches!(source, AddressSource::Agent) => {
@@ -61,7 +63,10 @@ impl Stage for Address {
                 Err(e) => return Err(e.into()),
             }
             if tokio::time::Instant::now() >= cx.deadline {
-                return Err(StageError::NoAddress { mac, after: started.elapsed() });
+                return Err(StageError::NoAddress {
+                    mac,
+                    after: started.elapsed(),
+                });
             }
             tokio::select! {
                 () = tokio::time::sleep(cx.settings.address_poll) => {}
@@ -101,10 +106,14 @@ async fn lookup(
     if let Some(network) = network {
         let net = network.to_owned();
         let m = mac.clone();
-        let op = Op::ReadLeases { network: network.to_owned() };
+        let op = Op::ReadLeases {
+            network: network.to_owned(),
+        };
         let leases = cx
             .hv
-            .call(op, move |conn| leases::for_mac(&conn.lookup_network_by_name(&net)?, &m))
+            .call(op, move |conn| {
+                leases::for_mac(&conn.lookup_network_by_name(&net)?, &m)
+            })
             .await;
         match leases {
             Ok(leases) => {
@@ -129,11 +138,18 @@ async fn lookup(
     let op = Op::ReadAddresses { name: name.clone() };
     let ifaces = cx
         .hv
-        .call(op, move |conn| conn.lookup_domain_by_name(&name)?.interface_addresses(src, 0))
+        .call(op, move |conn| {
+            conn.lookup_domain_by_name(&name)?
+                .interface_addresses(src, 0)
+        })
         .await?;
     let addrs = ifaces
         .iter()
-        .filter(|i| i.hwaddr.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(&mac)))
+        .filter(|i| {
+            i.hwaddr
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&mac))
+        })
         .flat_map(|i| i.addrs.iter())
         .filter_map(|a| a.addr.parse().ok());
     Ok(pick(addrs))
@@ -149,7 +165,14 @@ fn pick(addrs: impl Iterator<Item = IpAddr>) -> Option<IpAddr> {
 /// The lease time of `network`'s DHCP server, from its XML.
 async fn lease_duration(cx: &JobRun, network: &str) -> Result<i64, StageError> {
     let net = network.to_owned();
-    let op = Op::ReadLeases { network: network.to_owned() };
-    let xml = cx.hv.call(op, move |conn| conn.lookup_network_by_name(&net)?.xml_desc(0)).await?;
+    let op = Op::ReadLeases {
+        network: network.to_owned(),
+    };
+    let xml = cx
+        .hv
+        .call(op, move |conn| {
+            conn.lookup_network_by_name(&net)?.xml_desc(0)
+        })
+        .await?;
     Ok(leases::lease_secs(&xml).unwrap_or(DEFAULT_LEASE_SECS))
 }

@@ -95,7 +95,9 @@ pub async fn read_metadata(
     name: &str,
 ) -> Result<Option<Option<JobMetadata>>, StageError> {
     let n = name.to_owned();
-    let op = Op::ReadDomain { name: name.to_owned() };
+    let op = Op::ReadDomain {
+        name: name.to_owned(),
+    };
     let raw = cx
         .hv
         .call(op, move |conn| {
@@ -123,7 +125,9 @@ pub async fn read_metadata(
 /// its live state.
 pub async fn write_metadata(cx: &JobRun, name: &str, meta: &JobMetadata) -> Result<(), StageError> {
     let (n, doc) = (name.to_owned(), meta.to_xml());
-    let op = Op::WriteMetadata { name: name.to_owned() };
+    let op = Op::WriteMetadata {
+        name: name.to_owned(),
+    };
     cx.hv
         .call(op, move |conn| {
             let dom = conn.lookup_domain_by_name(&n)?;
@@ -140,7 +144,11 @@ pub async fn write_metadata(cx: &JobRun, name: &str, meta: &JobMetadata) -> Resu
 }
 
 async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
-    let overlay = cx.facts.overlay.clone().expect("the overlay stage runs before this one");
+    let overlay = cx
+        .facts
+        .overlay
+        .clone()
+        .expect("the overlay stage runs before this one");
     let vm = &cx.spec().vm;
     let meta = JobMetadata {
         job_id: cx.job.id,
@@ -168,19 +176,29 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
             })
             .collect(),
         console: console.map_or(ConsoleKind::Vnc, |c| c.kind),
-        console_listen: console.and_then(|c| c.listen).unwrap_or(cx.settings.console_listen),
+        console_listen: console
+            .and_then(|c| c.listen)
+            .unwrap_or(cx.settings.console_listen),
         kernel: vm.boot.as_ref().map(|b| KernelXml {
             kernel: b.kernel.clone(),
             initrd: b.initrd.clone(),
             cmdline: b.cmdline.clone(),
         }),
-        serial_log: cx.settings.serial_log_dir.as_ref().map(|d| format!("{d}/{name}-serial.log")),
+        serial_log: cx
+            .settings
+            .serial_log_dir
+            .as_ref()
+            .map(|d| format!("{d}/{name}-serial.log")),
         metadata: meta.to_element(),
     };
 
     let doc = xml::domain(&spec);
-    let op = Op::DefineDomain { name: name.to_owned() };
-    cx.hv.call(op, move |conn| conn.define_domain_xml(&doc).map(|_| ())).await?;
+    let op = Op::DefineDomain {
+        name: name.to_owned(),
+    };
+    cx.hv
+        .call(op, move |conn| conn.define_domain_xml(&doc).map(|_| ()))
+        .await?;
     info!(domain = %name, "domain defined");
     Ok(meta)
 }
@@ -194,7 +212,9 @@ pub async fn remove(cx: &JobRun, name: &str) -> Result<(), StageError> {
 /// Stops domain `name` if it runs.
 pub async fn destroy(cx: &JobRun, name: &str) -> Result<(), StageError> {
     let n = name.to_owned();
-    let op = Op::DestroyDomain { name: name.to_owned() };
+    let op = Op::DestroyDomain {
+        name: name.to_owned(),
+    };
     let destroyed = cx
         .hv
         .call(op, move |conn| {
@@ -217,11 +237,14 @@ pub async fn destroy(cx: &JobRun, name: &str) -> Result<(), StageError> {
 /// Removes domain `name`'s definition, if it is still there.
 pub async fn undefine(cx: &JobRun, name: &str) -> Result<(), StageError> {
     let n = name.to_owned();
-    let op = Op::UndefineDomain { name: name.to_owned() };
+    let op = Op::UndefineDomain {
+        name: name.to_owned(),
+    };
     let undefined = cx.hv.call(op, move |conn| {
         let dom = conn.lookup_domain_by_name(&n)?;
         // NVRAM goes too where the driver supports the flag; the test driver does not.
-        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM).or_else(|_| dom.undefine())
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+            .or_else(|_| dom.undefine())
     });
     match undefined.await {
         Ok(()) => info!(domain = %name, "domain undefined"),
@@ -232,13 +255,21 @@ pub async fn undefine(cx: &JobRun, name: &str) -> Result<(), StageError> {
 }
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
-    matches!(Result::from(e.code()), Ok(virt::error::ErrorNumber::NoDomain))
+    matches!(
+        Result::from(e.code()),
+        Ok(virt::error::ErrorNumber::NoDomain)
+    )
 }
 
 fn is_no_metadata(e: &virt::error::Error) -> bool {
-    matches!(Result::from(e.code()), Ok(virt::error::ErrorNumber::NoDomainMetadata))
+    matches!(
+        Result::from(e.code()),
+        Ok(virt::error::ErrorNumber::NoDomainMetadata)
+    )
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

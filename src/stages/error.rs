@@ -53,7 +53,11 @@ pub enum Refusal {
     #[error("base image `{path}` has an external data file")]
     BaseHasDataFile { path: String },
     #[error("base image `{path}` has sha256 {actual}, not the pinned {expected}")]
-    BaseModified { path: String, expected: String, actual: String },
+    BaseModified {
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("base image `{path}` is not in a storage pool of this hypervisor")]
     BaseNotInPool { path: String },
     #[error("volume `{volume}` exists but is not this job's overlay of the base")]

@@ -20,7 +20,10 @@ impl Stage for Finish {
         let Some(spec) = cx.spec().finish.clone() else {
             return Ok(());
         };
-        let addr = cx.facts.address.expect("the address stage runs before this one");
+        let addr = cx
+            .facts
+            .address
+            .expect("the address stage runs before this one");
         refuse_made_up_address(cx, addr)?;
 
         let target = SshTarget {
@@ -80,7 +83,10 @@ fn refuse_made_up_address(cx: &JobRun, addr: SocketAddr) -> Result<(), Refusal> 
     let test_driver = cx.hv.uri().starts_with("test:");
     let given = matches!(cx.spec().address, crate::job::AddressSource::Static { .. });
     if test_driver && !given && !addr.ip().is_loopback() {
-        return Err(Refusal::MadeUpAddress { uri: cx.hv.uri().to_owned(), ip: addr.ip() });
+        return Err(Refusal::MadeUpAddress {
+            uri: cx.hv.uri().to_owned(),
+            ip: addr.ip(),
+        });
     }
     Ok(())
 }
@@ -88,14 +94,23 @@ fn refuse_made_up_address(cx: &JobRun, addr: SocketAddr) -> Result<(), Refusal> 
 fn credential(cx: &JobRun, spec: &FinishSpec) -> Result<SshAuth, StageError> {
     Ok(match &spec.credential {
         Credential::Password(p) => SshAuth::Password(p.clone()),
-        Credential::PrivateKey(k) => SshAuth::PrivateKey { key: k.clone(), passphrase: None },
+        Credential::PrivateKey(k) => SshAuth::PrivateKey {
+            key: k.clone(),
+            passphrase: None,
+        },
         Credential::KeyName(name) => {
             let dir = (cx.settings.key_dir.as_ref())
                 .ok_or_else(|| Refusal::NoKeyDirectory(name.clone()))?;
             // Validation keeps `name` to [A-Za-z0-9._-] without "..", so it stays in `dir`.
-            let text = std::fs::read_to_string(dir.join(name))
-                .map_err(|source| StageError::ReadKey { name: name.clone(), source })?;
-            SshAuth::PrivateKey { key: Secret::new(text), passphrase: None }
+            let text =
+                std::fs::read_to_string(dir.join(name)).map_err(|source| StageError::ReadKey {
+                    name: name.clone(),
+                    source,
+                })?;
+            SshAuth::PrivateKey {
+                key: Secret::new(text),
+                passphrase: None,
+            }
         }
     })
 }

@@ -39,8 +39,12 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const PROVISION: [StageKind; 4] =
-        [StageKind::Overlay, StageKind::Domain, StageKind::Address, StageKind::Finish];
+    pub const PROVISION: [StageKind; 4] = [
+        StageKind::Overlay,
+        StageKind::Domain,
+        StageKind::Address,
+        StageKind::Finish,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -57,10 +61,16 @@ impl FromStr for StageKind {
     type Err = ();
 
     fn from_str(s: &str) -> Result<Self, ()> {
-        [Self::Overlay, Self::Domain, Self::Address, Self::Finish, Self::Teardown]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or(())
+        [
+            Self::Overlay,
+            Self::Domain,
+            Self::Address,
+            Self::Finish,
+            Self::Teardown,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or(())
     }
 }
 
@@ -137,7 +147,9 @@ impl JobRun {
 
     /// The provisioning request. Stages other than teardown only run for provisioning jobs.
     pub fn spec(&self) -> &Provision {
-        self.job.provision().expect("provisioning stages run only for provisioning jobs")
+        self.job
+            .provision()
+            .expect("provisioning stages run only for provisioning jobs")
     }
 
     /// The overlay volume's name: derived from the job, so a re-run finds the same volume.

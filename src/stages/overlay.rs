@@ -35,7 +35,9 @@ impl Stage for Overlay {
         };
 
         let vm = &cx.spec().vm;
-        let capacity = vm.disk_gib.map_or(base.facts.capacity_bytes, |gib| gib * GIB);
+        let capacity = vm
+            .disk_gib
+            .map_or(base.facts.capacity_bytes, |gib| gib * GIB);
         if capacity < base.facts.capacity_bytes {
             return Err(Refusal::CapacityBelowBase {
                 requested: capacity,
@@ -86,7 +88,9 @@ impl Stage for Overlay {
 /// Deletes `name` from `pool` if it is there.
 pub async fn delete_volume(cx: &JobRun, pool: &str, name: &str) -> Result<(), StageError> {
     let (p, v) = (pool.to_owned(), name.to_owned());
-    let op = Op::DeleteVolume { volume: name.to_owned() };
+    let op = Op::DeleteVolume {
+        volume: name.to_owned(),
+    };
     let deleted = cx
         .hv
         .call(op, move |conn| {
@@ -105,13 +109,19 @@ pub async fn delete_volume(cx: &JobRun, pool: &str, name: &str) -> Result<(), St
 }
 
 fn is_missing(e: &virt::error::Error) -> bool {
-    matches!(Result::from(e.code()), Ok(virt::error::ErrorNumber::NoStorageVolume))
+    matches!(
+        Result::from(e.code()),
+        Ok(virt::error::ErrorNumber::NoStorageVolume)
+    )
 }
 
 async fn resolve_base(cx: &JobRun) -> Result<Base, StageError> {
     match cx.spec().vm.base.location.clone() {
         BaseLocation::Volume { pool, volume } => {
-            let op = Op::LookupVolume { pool: pool.clone(), volume: volume.clone() };
+            let op = Op::LookupVolume {
+                pool: pool.clone(),
+                volume: volume.clone(),
+            };
             let p = pool.clone();
             let xml = cx
                 .hv
@@ -120,7 +130,10 @@ async fn resolve_base(cx: &JobRun) -> Result<Base, StageError> {
                     pool.lookup_storage_vol_by_name(&volume)?.xml_desc(0)
                 })
                 .await?;
-            Ok(Base { pool, facts: inspect::volume(&xml)? })
+            Ok(Base {
+                pool,
+                facts: inspect::volume(&xml)?,
+            })
         }
         BaseLocation::Path { path } => {
             let op = Op::LookupVolumeByPath { path: path.clone() };
@@ -138,7 +151,10 @@ async fn resolve_base(cx: &JobRun) -> Result<Base, StageError> {
                 Err(e) if e.is_not_found() => return Err(Refusal::BaseNotInPool { path }.into()),
                 Err(e) => return Err(e.into()),
             };
-            Ok(Base { pool, facts: inspect::volume(&xml)? })
+            Ok(Base {
+                pool,
+                facts: inspect::volume(&xml)?,
+            })
         }
     }
 }
@@ -147,10 +163,14 @@ async fn resolve_base(cx: &JobRun) -> Result<Base, StageError> {
 /// not control.
 fn check_base(base: &Base) -> Result<(), Refusal> {
     if base.facts.backing_path.is_some() {
-        return Err(Refusal::BaseHasBackingFile { path: base.facts.path.clone() });
+        return Err(Refusal::BaseHasBackingFile {
+            path: base.facts.path.clone(),
+        });
     }
     if base.facts.has_data_file {
-        return Err(Refusal::BaseHasDataFile { path: base.facts.path.clone() });
+        return Err(Refusal::BaseHasDataFile {
+            path: base.facts.path.clone(),
+        });
     }
     Ok(())
 }
@@ -161,7 +181,10 @@ async fn find_volume(
     name: &str,
 ) -> Result<Option<VolumeFacts>, StageError> {
     let (p, v) = (pool.to_owned(), name.to_owned());
-    let op = Op::LookupVolume { pool: pool.to_owned(), volume: name.to_owned() };
+    let op = Op::LookupVolume {
+        pool: pool.to_owned(),
+        volume: name.to_owned(),
+    };
     let xml = cx
         .hv
         .call(op, move |conn| {
@@ -188,7 +211,10 @@ async fn create(
     let _serialised = lock.lock().await;
 
     let p = pool.to_owned();
-    let op = Op::CreateVolume { pool: pool.to_owned(), volume: name.to_owned() };
+    let op = Op::CreateVolume {
+        pool: pool.to_owned(),
+        volume: name.to_owned(),
+    };
     let xml = cx
         .hv
         .call(op, move |conn| {
@@ -207,17 +233,31 @@ async fn verify_digest(cx: &JobRun, path: &str, pinned: &str) -> Result<String, 
     let actual = blocking(move || cached_sha256(&settings, &owned)).await?;
     let expected = pinned.to_ascii_lowercase();
     if actual != expected {
-        return Err(Refusal::BaseModified { path: path.to_owned(), expected, actual }.into());
+        return Err(Refusal::BaseModified {
+            path: path.to_owned(),
+            expected,
+            actual,
+        }
+        .into());
     }
     Ok(actual)
 }
 
 fn cached_sha256(settings: &Settings, path: &str) -> Result<String, StageError> {
-    let read_err = |source| StageError::ReadBase { path: path.to_owned(), source };
+    let read_err = |source| StageError::ReadBase {
+        path: path.to_owned(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(read_err)?;
     let mtime = meta.modified().map_err(read_err)?;
 
-    let cache = |s: &Settings| s.digests.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned();
+    let cache = |s: &Settings| {
+        s.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+            .cloned()
+    };
     if let Some(hit) = cache(settings).filter(|c| c.size == meta.len() && c.mtime == mtime) {
         return Ok(hit.sha256);
     }
@@ -233,7 +273,15 @@ fn cached_sha256(settings: &Settings, path: &str) -> Result<String, StageError> 
         hasher.update(&buf[..n]);
     }
     let sha256 = hex::encode(hasher.finalize());
-    let entry = CachedDigest { size: meta.len(), mtime, sha256: sha256.clone() };
-    settings.digests.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_owned(), entry);
+    let entry = CachedDigest {
+        size: meta.len(),
+        mtime,
+        sha256: sha256.clone(),
+    };
+    settings
+        .digests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(path.to_owned(), entry);
     Ok(sha256)
 }

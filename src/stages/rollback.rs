@@ -12,7 +12,11 @@ use super::{JobRun, Stage, StageError, StageKind};
 /// Each undo is safe to repeat, so a rollback cut short by a crash completes when run again.
 pub async fn run(cx: &JobRun, reached: StageKind) -> Result<(), StageError> {
     info!(stage = %reached, "rolling back");
-    for kind in StageKind::PROVISION.into_iter().rev().filter(|k| *k <= reached) {
+    for kind in StageKind::PROVISION
+        .into_iter()
+        .rev()
+        .filter(|k| *k <= reached)
+    {
         let undone = match kind {
             StageKind::Finish => Finish::undo(cx).await,
             StageKind::Address => Address::undo(cx).await,
