@@ -2,6 +2,8 @@
 //!
 //! The "guest" is this machine: sshd runs locally, so the tests can look at the job directory
 //! under /var/tmp and at the script's processes directly.
+// Helpers outside `#[test]` functions unwrap too: a panic there is the failure report.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -17,7 +19,8 @@ use hatchery::secret::Secret;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use common::sshd::{self, KEY_USER, Login, PASSWORD, PASSWORD_USER, Sshd};
+use common::sshd::{self, BUSYBOX_USER, KEY_USER, Mode, PASSWORD, PASSWORD_USER, Sshd};
+use common::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -94,18 +97,6 @@ impl Drop for Job {
         let _ = fs::remove_dir_all(self.dir());
         let _ = fs::remove_file(self.tombstone());
     }
-}
-
-/// Polls `condition` every 50 ms; false if it still does not hold after `timeout`.
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    condition()
 }
 
 /// Whether process `pid` is gone or a zombie that nobody reaped.
@@ -202,13 +193,33 @@ fn wrong_password_is_rejected_without_showing_it() {
 
 #[test]
 fn keyboard_interactive_only_server_accepts_the_password() {
-    let sshd = Sshd::start_with(Login::KeyboardInteractive);
+    let sshd = Sshd::start_with(Mode::KeyboardInteractive);
     let job = Job::new();
 
     let outcome = run(&password_target(&sshd, PASSWORD), &script(&job, "echo kbd"));
 
     let outcome = outcome.unwrap_or_else(|error| panic!("{error:?}\n{}", sshd.log()));
     assert_eq!(outcome.stdout_tail, "kbd\n");
+    // sshd logs the accepted method before it runs any command for the session.
+    assert!(
+        sshd.log().contains("Accepted keyboard-interactive"),
+        "{}",
+        sshd.log()
+    );
+}
+
+#[test]
+fn password_for_a_key_only_server_is_refused_up_front() {
+    let sshd = Sshd::start_with(Mode::KeyOnly);
+    let job = Job::new();
+
+    let error = run(&password_target(&sshd, PASSWORD), &script(&job, "true")).unwrap_err();
+
+    match &error {
+        SshError::NoUsableAuthMethod { offered, .. } => assert_eq!(offered, "publickey"),
+        other => panic!("expected no usable method, got {other:?}"),
+    }
+    assert!(!error.is_transient());
 }
 
 #[test]
@@ -427,18 +438,29 @@ fn script_that_died_without_status_is_reported_lost() {
 fn sudo_with_password_runs_as_root() {
     let sshd = Sshd::start();
     let job = Job::new();
-    // `cat` shows whether anything sudo left unread on its stdin (the password) reaches
-    // the script; it must read nothing.
-    let mut finish = script(&job, "id -u; cat");
+    // The script, as root, looks for the password where it must not be: in the job
+    // directory, in any process's arguments, in its own environment, and on its stdin (`cat`).
+    let needle = job.scratch("needle");
+    fs::write(&needle, PASSWORD).unwrap();
+    let body = format!(
+        "id -u\n\
+         grep -rlF -f {needle} /var/tmp/hatchery-$HATCHERY_JOB_ID && echo on-disk\n\
+         cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\000' ' ' | grep -qF -f {needle} && echo in-args\n\
+         tr '\\000' '\\n' </proc/$$/environ | grep -qF -f {needle} && echo in-env\n\
+         cat\n\
+         exit 0\n",
+        needle = needle.display()
+    );
+    let mut finish = script(&job, &body);
     finish.sudo = true;
 
     let outcome = run(&password_target(&sshd, PASSWORD), &finish).unwrap();
 
+    assert_eq!(outcome.exit_code, 0);
     assert_eq!(
-        (outcome.exit_code, outcome.stdout_tail.as_str()),
-        (0, "0\n")
+        outcome.stdout_tail, "0\n",
+        "the password showed up on the guest"
     );
-    assert!(!read(&job.tombstone()).contains(PASSWORD));
 }
 
 #[test]
@@ -454,6 +476,56 @@ fn sudo_with_key_runs_as_root_without_prompting() {
         (outcome.exit_code, outcome.stdout_tail.as_str()),
         (0, "0\n")
     );
+}
+
+#[test]
+fn busybox_guest_runs_resumes_and_collects() {
+    let sshd = Sshd::start_with(Mode::Busybox);
+    let job = Job::new();
+    let target = key_target(&sshd, BUSYBOX_USER, "ed25519", "");
+    let counter = job.scratch("runs");
+    let body = format!(
+        "echo run >> {}\nsleep 1\nreadlink /proc/$$/exe\nexit 4\n",
+        counter.display()
+    );
+    let finish = script(&job, &body);
+
+    guest::launch_finish(&target, &finish, &CancellationToken::new()).unwrap();
+    let outcome = run(&target, &finish).unwrap();
+
+    assert!(outcome.resumed);
+    assert_eq!(outcome.exit_code, 4);
+    assert_eq!(
+        outcome.stdout_tail, "/usr/bin/busybox\n",
+        "not run by busybox sh"
+    );
+    assert_eq!(read(&counter), "run\n");
+    assert!(!job.dir().exists());
+}
+
+#[test]
+fn busybox_guest_timeout_kills_the_script_and_its_children() {
+    let sshd = Sshd::start_with(Mode::Busybox);
+    let job = Job::new();
+    let target = key_target(&sshd, BUSYBOX_USER, "ed25519", "");
+    let pid_file = job.scratch("sleep.pid");
+    let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
+    let mut finish = script(&job, &body);
+    finish.timeout = Duration::from_secs(1);
+
+    let error = run(&target, &finish).unwrap_err();
+
+    assert!(
+        matches!(error, SshError::ScriptTimedOut { .. }),
+        "{error:?}"
+    );
+    let pid = read(&pid_file);
+    assert!(!pid.is_empty(), "the script never started");
+    assert!(
+        wait_until(Duration::from_secs(10), || is_dead(&pid)),
+        "sleep {pid} survived"
+    );
+    assert!(!job.dir().exists());
 }
 
 #[test]

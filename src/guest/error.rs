@@ -141,6 +141,9 @@ pub enum SshError {
     #[error("finish script stopped without recording an exit status")]
     ScriptLost,
 
+    #[error("job directory changed under a running finish script (now {found})")]
+    JobDirectoryChanged { found: String },
+
     #[error("cancelled")]
     Cancelled,
 }
@@ -168,6 +171,7 @@ impl SshError {
             | SshError::MalformedStatus { .. }
             | SshError::ScriptTimedOut { .. }
             | SshError::ScriptLost
+            | SshError::JobDirectoryChanged { .. }
             | SshError::Cancelled => false,
         }
     }

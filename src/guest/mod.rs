@@ -22,6 +22,10 @@
 //!
 //! Only POSIX `sh` and busybox-level tools are assumed on the guest (`mkdir`, `cat`, `tail -c`,
 //! `wc -c`, `tr`, `grep`, `kill`; `setsid` when present), so minimal dropbear+busybox images work.
+//! Whether the script still runs is read from Linux's `/proc/<pid>/cmdline`.
+//!
+//! FIXME: on a guest that mounts `/proc` with `hidepid=`, a login user running the script
+//! through sudo cannot see it, so a running script is reported as lost.
 
 mod error;
 mod fingerprint;
@@ -30,6 +34,7 @@ mod remote;
 mod session;
 mod wait;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -64,7 +69,7 @@ pub enum SshAuth {
 }
 
 /// The script a job runs on its guest, and how.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FinishScript<'a> {
     /// Names the job's directory on the guest; the same id never runs the script twice.
     pub job_id: Uuid,
@@ -78,6 +83,19 @@ pub struct FinishScript<'a> {
     pub sudo: bool,
     /// The most bytes of stdout, and of stderr, kept; the last ones are kept.
     pub tail_bytes: usize,
+}
+
+/// Shows the body's size only: scripts often carry enrolment tokens or other secrets.
+impl fmt::Debug for FinishScript<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FinishScript")
+            .field("job_id", &self.job_id)
+            .field("body_bytes", &self.body.len())
+            .field("timeout", &self.timeout)
+            .field("sudo", &self.sudo)
+            .field("tail_bytes", &self.tail_bytes)
+            .finish()
+    }
 }
 
 /// What a finished script left behind.

@@ -157,15 +157,16 @@ impl JobDir {
     }
 
     /// Sends TERM to the script's process group (or to the wrapper alone without `setsid`),
-    /// waits up to five seconds for the wrapper to go, then KILLs whatever is left.
+    /// waits up to five seconds for the wrapper to go, then KILLs whatever is left. The group
+    /// is spelled `-<pgid>` without `--`: busybox's `kill` takes `--` for a pid and complains.
     pub fn kill(&self) -> String {
         let Self { dir, marker, .. } = self;
         format!(
             "d={dir}; p=$(cat \"$d/pid\" 2>/dev/null); [ -n \"$p\" ] || exit 0; \
              alive() {{ {{ tr '\\000' '\\n' <\"/proc/$p/cmdline\"; }} 2>/dev/null | grep -qxF {marker}; }}; \
-             kill -TERM -- \"-$p\" 2>/dev/null || kill -TERM \"$p\" 2>/dev/null; \
+             kill -TERM -\"$p\" 2>/dev/null || kill -TERM \"$p\" 2>/dev/null; \
              for i in 1 2 3 4 5; do alive || break; sleep 1; done; \
-             kill -KILL -- \"-$p\" 2>/dev/null || kill -KILL \"$p\" 2>/dev/null; true"
+             kill -KILL -\"$p\" 2>/dev/null || kill -KILL \"$p\" 2>/dev/null; true"
         )
     }
 
@@ -238,4 +239,70 @@ pub(crate) fn interpreter(body: &str) -> Vec<String> {
 /// Quotes `text` as one word for `sh`: single quotes, with each `'` spelled `'\''`.
 pub(crate) fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_lines_parse_into_states() {
+        let cases = [
+            ("0 absent\n", Some((0, JobState::Absent))),
+            ("1000 unstarted", Some((1000, JobState::Unstarted))),
+            ("0 starting", Some((0, JobState::Starting))),
+            ("0 running", Some((0, JobState::Running))),
+            ("0 finished 3", Some((0, JobState::Finished(3)))),
+            ("0 collected 0", Some((0, JobState::Collected(0)))),
+            ("0 lost", Some((0, JobState::Lost))),
+            ("0 finished", None),
+            ("0 finished three", None),
+            ("0 running 1", None),
+            ("root running", None),
+            ("0 exploded", None),
+            ("", None),
+        ];
+        for (line, expected) in cases {
+            let expected = expected.map(|(uid, state)| Probe { uid, state });
+            assert_eq!(parse_probe(line), expected, "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_stray_whitespace_only() {
+        assert_eq!(parse_sizes("12 0\n"), Some((12, 0)));
+        assert_eq!(parse_sizes("  12   7 "), Some((12, 7)));
+        assert_eq!(parse_sizes("12"), None);
+        assert_eq!(parse_sizes("12 7 1"), None);
+    }
+
+    #[test]
+    fn shebang_splits_like_the_kernel() {
+        assert_eq!(interpreter("echo hi\n"), Vec::<String>::new());
+        assert_eq!(interpreter("#!\necho hi\n"), Vec::<String>::new());
+        assert_eq!(interpreter("#!/bin/bash\n"), ["/bin/bash"]);
+        assert_eq!(interpreter("#! /bin/sh -eu \n"), ["/bin/sh", "-eu"]);
+        assert_eq!(
+            interpreter("#!/usr/bin/env -S sh -e\n"),
+            ["/usr/bin/env", "-S sh -e"]
+        );
+    }
+
+    #[test]
+    fn quoted_text_reaches_the_shell_unchanged() {
+        let text = "it's $HOME `id` \"quoted\" \\ ; done";
+        let output = std::process::Command::new("sh")
+            .args(["-c", &format!("printf %s {}", quote(text))])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), text);
+    }
+
+    #[test]
+    fn sudo_wraps_the_whole_command() {
+        let wrapped = Privilege::SudoPassword.wrap("echo 'a'");
+        assert_eq!(wrapped, r"sudo -S -p '' sh -c 'echo '\''a'\'''");
+        assert_eq!(Privilege::AsLoginUser.wrap("id"), "id");
+        assert_eq!(Privilege::SudoNoPassword.wrap("id"), "sudo -n sh -c 'id'");
+    }
 }

@@ -1,10 +1,11 @@
 //! A real OpenSSH server on 127.0.0.1 for tests, with its own host key, config and users.
 //!
 //! Needs root (to run `sshd` and create users) and the `openssh-server`, `openssh-client`
-//! (`ssh-keygen`), `passwd` (`useradd`, `chpasswd`) and `sudo` packages. Creates, once, the
-//! local users [`PASSWORD_USER`] (password login, sudo asking for the password) and
-//! [`KEY_USER`] (key login, sudo without password); they stay on the machine, which is meant
-//! to be a throwaway CI container.
+//! (`ssh-keygen`), `passwd` (`useradd`, `chpasswd`), `sudo` and `busybox` packages. Creates,
+//! once, the local users [`PASSWORD_USER`] (password login, sudo asking for the password),
+//! [`KEY_USER`] (key login, sudo without password) and [`BUSYBOX_USER`] (busybox `sh` as login
+//! shell), plus [`BUSYBOX_BIN`]; they stay on the machine, which is meant to be a throwaway CI
+//! container.
 #![allow(
     dead_code,
     reason = "each test binary uses only some of the shared helpers"
@@ -27,18 +28,27 @@ pub const PASSWORD_USER: &str = "hatchery-pw";
 pub const PASSWORD: &str = "correct horse battery staple";
 /// A non-root user that logs in with a key and may sudo without a password.
 pub const KEY_USER: &str = "hatchery-key";
+/// A non-root user whose login shell is busybox `sh`, like on a minimal dropbear+busybox guest.
+pub const BUSYBOX_USER: &str = "hatchery-bb";
+/// Busybox applet links; the only `PATH` of sessions on a [`Mode::Busybox`] server.
+pub const BUSYBOX_BIN: &str = "/var/lib/hatchery-tests/busybox";
 
 const SUDOERS_FILE: &str = "/etc/sudoers.d/hatchery-tests";
 /// How long sshd gets to start answering before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Which ways of logging in the server accepts.
+/// Which ways of logging in the server accepts, and what its sessions see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Login {
+pub enum Mode {
     /// `password` and `publickey`; PAM off.
     PasswordAndKey,
     /// `keyboard-interactive` (through PAM) and `publickey`; no `password` method.
     KeyboardInteractive,
+    /// `publickey` only.
+    KeyOnly,
+    /// Like `PasswordAndKey`, with [`BUSYBOX_BIN`] as the sessions' whole `PATH`: together with
+    /// [`BUSYBOX_USER`]'s login shell, every command a session runs is busybox's.
+    Busybox,
 }
 
 /// A running `sshd -D`, killed when dropped.
@@ -52,10 +62,10 @@ pub struct Sshd {
 impl Sshd {
     /// Starts a server accepting passwords and keys.
     pub fn start() -> Self {
-        Self::start_with(Login::PasswordAndKey)
+        Self::start_with(Mode::PasswordAndKey)
     }
 
-    pub fn start_with(login: Login) -> Self {
+    pub fn start_with(mode: Mode) -> Self {
         ensure_test_users();
         let dir = tempfile::Builder::new()
             .prefix("hatchery-sshd-")
@@ -77,7 +87,7 @@ impl Sshd {
         let log_path = dir.path().join("sshd.log");
         for _ in 0..10 {
             let port = free_port();
-            let config = write_config(dir.path(), port, login);
+            let config = write_config(dir.path(), port, mode);
             let log = fs::File::create(&log_path).unwrap();
             let mut child = Command::new("/usr/sbin/sshd")
                 .args(["-D", "-e", "-f", path_str(&config)])
@@ -172,9 +182,18 @@ pub fn fingerprint_of_new_key() -> String {
 pub fn ensure_test_users() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        for user in [PASSWORD_USER, KEY_USER] {
+        // The busybox user's shell must exist before the user is made.
+        fs::create_dir_all(BUSYBOX_BIN).unwrap();
+        run("busybox", &["--install", "-s", BUSYBOX_BIN]);
+        let busybox_sh = format!("{BUSYBOX_BIN}/sh");
+        let users = [
+            (PASSWORD_USER, "/bin/sh"),
+            (KEY_USER, "/bin/sh"),
+            (BUSYBOX_USER, &busybox_sh),
+        ];
+        for (user, shell) in users {
             let status = Command::new("useradd")
-                .args(["--create-home", "--shell", "/bin/sh", user])
+                .args(["--create-home", "--shell", shell, user])
                 .stderr(Stdio::null())
                 .status()
                 .expect("run useradd (package passwd)");
@@ -192,8 +211,10 @@ pub fn ensure_test_users() {
         std::io::Write::write_all(chpasswd.stdin.as_mut().unwrap(), line.as_bytes()).unwrap();
         drop(chpasswd.stdin.take());
         assert!(chpasswd.wait().unwrap().success(), "chpasswd failed");
-        // The key user needs a usable (not locked) account, but never logs in by password.
-        run("usermod", &["--password", "*", KEY_USER]);
+        // Key users need a usable (not locked) account, but never log in by password.
+        for user in [KEY_USER, BUSYBOX_USER] {
+            run("usermod", &["--password", "*", user]);
+        }
 
         assert!(
             Path::new("/usr/bin/sudo").exists(),
@@ -208,10 +229,15 @@ pub fn ensure_test_users() {
     });
 }
 
-fn write_config(dir: &Path, port: u16, login: Login) -> PathBuf {
-    let (pam, password, kbd) = match login {
-        Login::PasswordAndKey => ("no", "yes", "no"),
-        Login::KeyboardInteractive => ("yes", "no", "yes"),
+fn write_config(dir: &Path, port: u16, mode: Mode) -> PathBuf {
+    let (pam, password, kbd) = match mode {
+        Mode::PasswordAndKey | Mode::Busybox => ("no", "yes", "no"),
+        Mode::KeyboardInteractive => ("yes", "no", "yes"),
+        Mode::KeyOnly => ("no", "no", "no"),
+    };
+    let path = match mode {
+        Mode::Busybox => format!("SetEnv PATH={BUSYBOX_BIN}\n"),
+        _ => String::new(),
     };
     let dir_str = path_str(dir);
     let config = format!(
@@ -226,7 +252,8 @@ fn write_config(dir: &Path, port: u16, login: Login) -> PathBuf {
          StrictModes no\n\
          PermitRootLogin yes\n\
          LogLevel VERBOSE\n\
-         Subsystem sftp internal-sftp\n"
+         Subsystem sftp internal-sftp\n\
+         {path}"
     );
     let path = dir.join("sshd_config");
     fs::write(&path, config).unwrap();
