@@ -24,6 +24,9 @@ pub struct RunArgs {
     /// Directory of private keys that jobs may name with `key_name`.
     #[arg(long)]
     pub key_dir: Option<PathBuf>,
+    /// Directory on the hypervisor where guests' serial consoles are logged.
+    #[arg(long)]
+    pub serial_log_dir: Option<String>,
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -42,6 +45,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         console_listen: args.console_listen,
         key_dir: args.key_dir,
+        serial_log_dir: args.serial_log_dir,
         ..Settings::default()
     };
     let pipeline = Pipeline::new(settings, Publisher::new(&hostname()));

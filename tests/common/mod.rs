@@ -4,6 +4,7 @@
 pub mod jobs;
 pub mod sshd;
 pub mod testdriver;
+pub mod vmenv;
 
 use std::time::{Duration, Instant};
 
