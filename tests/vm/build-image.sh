@@ -62,6 +62,20 @@ ensure_keys() {
     ssh-keygen -q -t rsa -b 2048 -m PEM -N '' -C hatchery-e2e -f "$KEYS/id_rsa"
 }
 
+# Guest host keys are made once per cache too, so that rebuilding the image (a new package
+# version) does not invalidate known_hosts files that tests already hold.
+ensure_host_keys() {
+  [[ -s $KEYS/known_hosts ]] && return
+  local t
+  for t in ed25519 rsa; do
+    rm -f "$KEYS/dropbear_${t}_host_key"
+    run_unpacked usr/bin/dropbearkey -t "$t" -f "$KEYS/dropbear_${t}_host_key" >/dev/null 2>&1
+    run_unpacked usr/bin/dropbearkey -y -f "$KEYS/dropbear_${t}_host_key" |
+      awk '/^ssh-/ {print "* " $1 " " $2}'
+  done >"$KEYS/known_hosts.tmp"
+  mv "$KEYS/known_hosts.tmp" "$KEYS/known_hosts"
+}
+
 inputs_hash() {
   { cat "$SCRIPT"; printf '%s\n' "${VERSIONS[@]}"; cat "$KEYS"/*.pub; } |
     sha256sum | cut -d' ' -f1
@@ -141,14 +155,8 @@ EOF
   chmod 4755 "$R/usr/bin/sudo"
 
   # host keys are baked in, so every boot of this base presents the same keys
-  local t
-  : >"$OUT/known_hosts"
-  for t in ed25519 rsa; do
-    run_unpacked usr/bin/dropbearkey -t "$t" -f "$R/etc/dropbear/dropbear_${t}_host_key" \
-      >/dev/null 2>&1
-    run_unpacked usr/bin/dropbearkey -y -f "$R/etc/dropbear/dropbear_${t}_host_key" |
-      awk '/^ssh-/ {print "* " $1 " " $2}' >>"$OUT/known_hosts"
-  done
+  install -m 0600 "$KEYS"/dropbear_*_host_key "$R/etc/dropbear/"
+  cp "$KEYS/known_hosts" "$OUT/known_hosts"
 
   cat "$KEYS"/id_ed25519.pub "$KEYS"/id_rsa.pub >"$R/root/.ssh/authorized_keys"
   cp "$R/root/.ssh/authorized_keys" "$R/home/hatch/.ssh/authorized_keys"
@@ -331,6 +339,9 @@ SSH_PASSWORD=$PASSWORD
 SSHD_MARKER=HATCHERY-SSHD-UP
 INPUTS_SHA256=$HASH
 EOF
+  # host keys as base64 blobs, to compare with what an SSH library reports for the server
+  awk '$2 == "ssh-ed25519" {print "SSH_HOST_KEY_ED25519=" $3}
+    $2 == "ssh-rsa" {print "SSH_HOST_KEY_RSA=" $3}' "$OUT/known_hosts" >>"$OUT/image.env"
 }
 
 main() {
@@ -345,8 +356,9 @@ main() {
   resolve_packages
   ensure_keys
   HASH=$(inputs_hash)
-  if [[ -f $CACHE/image/image.env && $(cat "$CACHE/image/inputs.sha256" 2>/dev/null) == "$HASH" ]]
-  then
+  # the host keys are an input too: an image is stale if they were deleted and made anew
+  if [[ -f $CACHE/image/image.env && $(cat "$CACHE/image/inputs.sha256" 2>/dev/null) == "$HASH" ]] &&
+    cmp -s "$KEYS/known_hosts" "$CACHE/image/known_hosts"; then
     log "up to date: $CACHE/image"
     return
   fi
@@ -364,6 +376,7 @@ main() {
   X=$WORK/x R=$WORK/root OUT=$CACHE/image.new
   rm -rf "$OUT" && mkdir -p "$X" "$R" "$OUT"
   unpack_debs
+  ensure_host_keys
   make_root
   make_disk
   make_initramfs

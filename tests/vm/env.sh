@@ -151,10 +151,13 @@ EOF
 }
 
 # The pool is a directory in STATE holding a fresh copy of the base image, so a test that
-# damages its pool never damages the cache. Kernel and initrd are copied for the same reason.
+# damages its pool never damages the cache. Kernel, initrd and known_hosts are copied too, so
+# that the environment stays consistent even if the cached image is rebuilt while it runs.
 define_pool() {
-  cp "$CACHE/image/base.qcow2" "$STATE/pool/$BASE_VOLUME"
-  cp "$CACHE/image/vmlinuz" "$CACHE/image/initrd.img" "$STATE/boot/"
+  # under the build lock: a concurrent build-image.sh may be swapping the image in
+  local img=$CACHE/image
+  flock "$CACHE/.build.lock" sh -c "cp '$img/base.qcow2' '$STATE/pool/$BASE_VOLUME' &&
+    cp '$img/vmlinuz' '$img/initrd.img' '$img/known_hosts' '$img/image.env' '$STATE/boot/'"
   virsh_ pool-define-as "$POOL" dir --target "$STATE/pool" >/dev/null
   virsh_ pool-start "$POOL" >/dev/null
   virsh_ vol-info --pool "$POOL" "$BASE_VOLUME" >/dev/null
@@ -185,10 +188,9 @@ start_amqp_relay() {
 }
 
 write_env() {
-  local img=$CACHE/image
   # image.env brings BASE_SHA256, BASE_CAPACITY_BYTES, SSH_USER, SSH_PASSWORD, ...
   {
-    grep -v '^INPUTS_SHA256=' "$img/image.env"
+    grep -v '^INPUTS_SHA256=' "$STATE/boot/image.env"
     cat <<EOF
 STATE_DIR=$STATE
 NETNS=$NS
@@ -209,7 +211,7 @@ NETWORK_GATEWAY=$SUBNET.0.1
 CONSOLE_DIR=$STATE/console
 SSH_KEY=$CACHE/keys/id_ed25519
 SSH_KEY_RSA=$CACHE/keys/id_rsa
-SSH_KNOWN_HOSTS=$img/known_hosts
+SSH_KNOWN_HOSTS=$STATE/boot/known_hosts
 AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
 AMQP_RELAY_SOCKET=$AMQP_SOCK
 EOF
