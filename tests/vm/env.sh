@@ -51,14 +51,17 @@ take_lock() { exec 8>"$STATE.lock" && flock 8; }
 
 ns_exists() { ip netns list | grep -qw "^$NS"; }
 
-# The root-namespace relay is the only process of ours outside the namespace; kill it only if
-# its command line still names our socket, in case the pid was reused.
+# The root-namespace relay is the only process of ours outside the namespace. Find it by its
+# exact command line (it names our socket), which also works when a crash lost the state dir.
 kill_relay() {
-  local pid
-  pid=$(cat "$STATE/amqp-relay.pid" 2>/dev/null) || return 0
-  if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$AMQP_SOCK"; then
-    kill "$pid" 2>/dev/null || true
-  fi
+  local f pid
+  for f in /proc/[0-9]*/cmdline; do
+    # processes come and go while we read: a vanished one is simply not ours
+    if { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -qF "UNIX-LISTEN:$AMQP_SOCK,"; then
+      pid=${f#/proc/} && pid=${pid%/cmdline}
+      kill "$pid" 2>/dev/null || true
+    fi
+  done
 }
 
 # Everything inside the namespace was started by this script or by a test using it (libvirtd,
@@ -167,11 +170,9 @@ define_pool() {
 # is a file and crosses namespaces: root socat (file -> broker) plus namespace socat
 # (127.0.0.1:5672 in the namespace -> file) give it a broker on its own loopback.
 start_amqp_relay() {
-  # without job control a background child is not a group leader, so setsid execs in place
-  # and $! is socat's own pid
+  # setsid: the relays must outlive this script and its terminal
   setsid socat "UNIX-LISTEN:$AMQP_SOCK,fork,mode=600" TCP:127.0.0.1:5672 \
     </dev/null >>"$STATE/log/amqp-relay.log" 2>&1 8>&- &
-  echo $! >"$STATE/amqp-relay.pid"
   ip netns exec "$NS" setsid socat TCP-LISTEN:5672,bind=127.0.0.1,reuseaddr,fork \
     "UNIX-CONNECT:$AMQP_SOCK" </dev/null >>"$STATE/log/amqp-relay.log" 2>&1 8>&- &
 
@@ -240,7 +241,6 @@ cmd_down() {
   preflight
   take_lock
   teardown
-  rm -f "$STATE.lock"
   log "down: namespace $NS and $STATE removed"
 }
 
