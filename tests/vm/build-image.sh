@@ -306,6 +306,9 @@ fail() { echo "HATCHERY-INITRAMFS-FAILED \$*" >/dev/console; sleep 2; poweroff -
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# A blocking read makes the kernel gather jitter entropy now (about a second under TCG) rather
+# than when sshd first needs random numbers, which would stall the first SSH login instead.
+head -c 1 /dev/random >/dev/null &
 for m in ${names[*]}; do insmod /modules/\$m || echo "insmod \$m failed" >/dev/console; done
 i=0
 while [ ! -b /dev/vda ]; do
