@@ -169,7 +169,7 @@ EOF
 write_etc() {
   # a fixed salt keeps the image reproducible; the password is public test data anyway
   local hash
-  hash=$(openssl passwd -6 -salt hatcherye2e "$PASSWORD")
+  hash=$("$X/bin/busybox" mkpasswd -m sha512 -S hatcherye2e "$PASSWORD")
   printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
     'hatch:x:1000:1000:hatchery test user:/home/hatch:/bin/sh' >"$R/etc/passwd"
   printf '%s\n' 'root:x:0:' 'sudo:x:27:hatch' 'hatch:x:1000:' >"$R/etc/group"
