@@ -12,10 +12,12 @@
 //! - [`hypervisor`]: libvirt access: shared connections, typed XML builders, metadata.
 //! - [`guest`]: SSH to the guest: waiting for sshd, logging in, running the finish script once.
 //! - [`events`]: the CloudEvents a job produces, and the sinks they go to.
+//! - [`fleet`]: the broker side: workers consuming jobs from RabbitMQ, publishing events.
 //! - [`cli`]: the `hatchery` command's subcommands.
 
 pub mod cli;
 pub mod events;
+pub mod fleet;
 pub mod guest;
 pub mod hypervisor;
 pub mod job;

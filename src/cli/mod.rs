@@ -3,8 +3,12 @@
 //! The only module that writes to stdout: its subcommands' output is their interface.
 #![allow(clippy::print_stdout)]
 
+mod cancel;
+mod events;
 mod run;
+mod submit;
 mod validate;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +42,14 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Take jobs from RabbitMQ and publish their events, until SIGTERM or SIGINT.
+    Worker(worker::WorkerArgs),
+    /// Publish jobs to the fleet; with --wait, follow them until each is final.
+    Submit(submit::SubmitArgs),
+    /// Cancel a job, whether a worker runs it or it still waits in the queue.
+    Cancel(cancel::CancelArgs),
+    /// Print the fleet's events as they happen.
+    Events(events::EventsArgs),
 }
 
 /// Logs go to stderr; `RUST_LOG` refines the level (`info` by default).
@@ -60,5 +72,9 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::main(args),
         Command::Validate { files } => Ok(validate::main(&files)),
+        Command::Worker(args) => worker::main(args),
+        Command::Submit(args) => submit::main(args),
+        Command::Cancel(args) => cancel::main(args),
+        Command::Events(args) => events::main(args),
     }
 }

@@ -1,0 +1,157 @@
+//! `hatchery worker`: takes jobs from RabbitMQ until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::events::Publisher;
+use crate::fleet::worker::{self, WorkerConfig};
+use crate::fleet::{DEFAULT_AMQP_URL, Link, Names};
+use crate::job::Limits;
+use crate::pipeline::Pipeline;
+use crate::settings::Settings;
+
+/// Where the broker is and what the fleet's exchanges and queues are called.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// AMQP URL (`amqp://` or `amqps://`).
+    #[arg(long, env = "HATCHERY_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "HATCHERY_PREFIX", default_value = "hatchery")]
+    pub prefix: String,
+    /// Jobs exchange; `<prefix>.jobs` by default.
+    #[arg(long, env = "HATCHERY_JOBS_EXCHANGE")]
+    pub jobs_exchange: Option<String>,
+    /// Jobs queue; `<prefix>.jobs` by default.
+    #[arg(long, env = "HATCHERY_JOBS_QUEUE")]
+    pub jobs_queue: Option<String>,
+    /// Events exchange; `<prefix>.events` by default.
+    #[arg(long, env = "HATCHERY_EVENTS_EXCHANGE")]
+    pub events_exchange: Option<String>,
+    /// Dead-letter exchange; `<prefix>.dead` by default.
+    #[arg(long, env = "HATCHERY_DEAD_EXCHANGE")]
+    pub dead_exchange: Option<String>,
+    /// Dead-letter queue; `<prefix>.dead` by default.
+    #[arg(long, env = "HATCHERY_DEAD_QUEUE")]
+    pub dead_queue: Option<String>,
+}
+
+impl BrokerArgs {
+    pub fn names(&self) -> Names {
+        let mut names = Names::new(&self.prefix);
+        let set = |slot: &mut String, given: &Option<String>| {
+            if let Some(g) = given {
+                slot.clone_from(g);
+            }
+        };
+        set(&mut names.jobs_exchange, &self.jobs_exchange);
+        set(&mut names.jobs_queue, &self.jobs_queue);
+        set(&mut names.events_exchange, &self.events_exchange);
+        set(&mut names.dead_exchange, &self.dead_exchange);
+        set(&mut names.dead_queue, &self.dead_queue);
+        names
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Jobs run at once (the prefetch count).
+    #[arg(long, env = "HATCHERY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Time jobs in flight get to finish after SIGTERM before they go back to the queue.
+    #[arg(long, env = "HATCHERY_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// The broker's consumer ack timeout; runs older than 80% of it are handed over.
+    #[arg(long, env = "HATCHERY_ACK_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+    /// How long a job that another worker runs waits before it is looked at again.
+    #[arg(long, env = "HATCHERY_PARK_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub park_delay: Duration,
+    /// This worker's name in events and logs; `<hostname>-<pid>` by default.
+    #[arg(long, env = "HATCHERY_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Where consoles listen unless the job says otherwise.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub console_listen: std::net::IpAddr,
+    /// Directory of private keys that jobs may name with `key_name`.
+    #[arg(long)]
+    pub key_dir: Option<PathBuf>,
+}
+
+pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("{}-{}", super::run::hostname(), std::process::id()));
+    let config = WorkerConfig {
+        concurrency: args.concurrency,
+        grace: args.grace,
+        ack_timeout: args.ack_timeout,
+        park_delay: args.park_delay,
+        limits: Limits::default(),
+        name: name.clone(),
+    };
+    anyhow::ensure!(
+        !config.ack_timeout.is_zero(),
+        "--ack-timeout must be above zero"
+    );
+    let settings = Settings {
+        console_listen: args.console_listen,
+        key_dir: args.key_dir,
+        ..Settings::default()
+    };
+    let pipeline = Pipeline::new(settings, Publisher::new(&name));
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        tokio::spawn(stop_on_signal(stop.clone()));
+        let names = args.broker.names();
+        info!(worker = %name, url = %crate::fleet::redact_url(&args.broker.amqp_url), "worker starting");
+        let link = Link::start(&args.broker.amqp_url, names, &format!("hatchery worker {name}"));
+        worker::run(link, pipeline, config, stop).await;
+        info!("worker stopped");
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `stop` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals; stop the worker with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
+        _ = int.recv() => info!(signal = "SIGINT", "stopping"),
+    }
+    stop.cancel();
+}
+
+/// `90s`, `500ms`, `30m`, `2h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}`: the unit is one of ms, s, m, h")),
+    }
+}
