@@ -13,6 +13,7 @@
 //! - [`guest`]: SSH to the guest: waiting for sshd, logging in, running the finish script once.
 //! - [`events`]: the CloudEvents a job produces, and the sinks they go to.
 //! - [`fleet`]: the broker side: workers consuming jobs from RabbitMQ, publishing events.
+//! - [`reconcile`]: finds and removes what no live job owns (`hatchery gc`).
 //! - [`cli`]: the `hatchery` command's subcommands.
 
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod guest;
 pub mod hypervisor;
 pub mod job;
 pub mod pipeline;
+pub mod reconcile;
 pub mod retry;
 pub mod secret;
 pub mod settings;

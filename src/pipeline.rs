@@ -13,6 +13,7 @@ use crate::events::{
     Rejection, StageReport, StageTiming,
 };
 use crate::hypervisor::Hypervisors;
+use crate::hypervisor::metadata::{JobMetadata, JobState};
 use crate::job::{Credential, Job, OnFailure, Work};
 use crate::settings::Settings;
 use crate::stages::address::Address;
@@ -141,6 +142,28 @@ impl Pipeline {
         let mut cx = JobRun::new(Arc::clone(&job), hv, Arc::clone(&self.settings), attempt);
         cx.cancel = cancel;
 
+        // A rollback cut short by a crash is finished, not the job started again.
+        if let Some(failed) = interrupted_rollback(&cx).await {
+            let (outcome, failure, rolled_back) = self.fail(&cx, failed).await;
+            let result = self.result(&cx, action, &uri, Vec::new(), failure, rolled_back);
+            let data = EventData::Result(result);
+            sink.emit(
+                self.publisher
+                    .event(outcome.event_kind(), &subject, batch, "", data),
+            )
+            .await;
+            return outcome;
+        }
+
+        // While the job runs, its record in the domain stays fresh, so the reconciler can tell
+        // a slow job from an abandoned one.
+        let heartbeat = tokio::spawn(heartbeat(JobRun::new(
+            Arc::clone(&job),
+            Arc::clone(&cx.hv),
+            Arc::clone(&self.settings),
+            attempt,
+        )));
+
         let mut timings = Vec::new();
         let stages: &[StageKind] = match job.work {
             Work::Provision(_) => &StageKind::PROVISION,
@@ -156,10 +179,17 @@ impl Pipeline {
                 }
             }
             if matches!(stage, StageKind::Address | StageKind::Finish) {
-                record_progress(&cx, stage).await;
+                update_metadata(&cx, |meta| {
+                    meta.stage = Some(stage);
+                    if stage == StageKind::Finish {
+                        meta.state = JobState::Succeeded;
+                    }
+                })
+                .await;
             }
         }
 
+        heartbeat.abort();
         let (outcome, failure, rolled_back) = match failure {
             None => (Outcome::Succeeded, None, None),
             Some(f) => self.fail(&cx, f).await,
@@ -378,6 +408,33 @@ impl Pipeline {
     }
 }
 
+/// Refreshes `updated_at` in the job's domain record every `settings.heartbeat`, until aborted.
+async fn heartbeat(cx: JobRun) {
+    if cx.job.provision().is_none() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(cx.settings.heartbeat).await;
+        update_metadata(&cx, |_| {}).await;
+    }
+}
+
+/// The failure of an earlier run whose rollback did not finish, read from the domain.
+async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
+    cx.job.provision()?;
+    match domain::read_metadata(cx, cx.job.vm_name()).await {
+        Ok(Some(Some(meta))) if meta.job_id == cx.job.id && meta.state == JobState::RollingBack => {
+            warn!("resuming an interrupted rollback");
+            let stage = meta.failed_stage.unwrap_or(StageKind::Finish);
+            Some(StageFailure {
+                stage,
+                error: StageError::Interrupted,
+            })
+        }
+        _ => None,
+    }
+}
+
 async fn dispatch(stage: StageKind, cx: &mut JobRun) -> Result<(), StageError> {
     match stage {
         StageKind::Overlay => Overlay::run(cx).await,
@@ -388,20 +445,22 @@ async fn dispatch(stage: StageKind, cx: &mut JobRun) -> Result<(), StageError> {
     }
 }
 
-/// Notes in the domain's metadata that `stage` completed. Best effort: the stages find their
-/// own artefacts on a re-run; this only helps operators and the reconciler.
-async fn record_progress(cx: &JobRun, stage: StageKind) {
+/// Updates hatchery's metadata in the job's domain, if the domain exists and is the job's.
+/// Best effort: stages find their own artefacts on a re-run; the record serves resumed
+/// rollbacks, operators and the reconciler.
+async fn update_metadata(cx: &JobRun, change: impl FnOnce(&mut JobMetadata)) {
     let name = cx.job.vm_name();
     let result = match domain::read_metadata(cx, name).await {
         Ok(Some(Some(mut meta))) if meta.job_id == cx.job.id => {
-            meta.stage = Some(stage);
+            change(&mut meta);
+            meta.updated_at = Some(domain::now_secs());
             domain::write_metadata(cx, name, &meta).await
         }
         Ok(_) => Ok(()),
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        warn!(stage = %stage, error = %chain(&e), "could not record progress in metadata");
+        warn!(error = %chain(&e), "could not update the domain's metadata");
     }
 }
 

@@ -25,6 +25,8 @@ pub struct Settings {
     pub timeouts: DefaultTimeouts,
     /// How often the address stage asks libvirt for the guest's address.
     pub address_poll: Duration,
+    /// How often a running job refreshes its record in the domain's metadata.
+    pub heartbeat: Duration,
     /// Base image digests already computed, keyed by path, valid while size and mtime hold.
     pub digests: Mutex<HashMap<String, CachedDigest>>,
 }
@@ -61,6 +63,7 @@ impl Default for Settings {
                 finish_connect: Duration::from_secs(300),
             },
             address_poll: Duration::from_millis(200),
+            heartbeat: Duration::from_secs(60),
             digests: Mutex::new(HashMap::new()),
         }
     }

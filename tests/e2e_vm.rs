@@ -338,3 +338,79 @@ fn hatchery_blob(base64: &str) -> Vec<u8> {
         .unwrap();
     out.stdout
 }
+
+#[test]
+fn gc_removes_a_planted_orphan_and_leaves_other_domains_alone() {
+    let guard = VmEnv::acquire();
+    let env = &guard.env;
+    let pool = env.get("POOL");
+    let job_id = Uuid::new_v4();
+    let volume = format!("gc-orphan-{job_id}.qcow2");
+    let dir = tempfile::tempdir().unwrap();
+
+    // A rollback that never finished: hatchery's record says so, and it is old.
+    env.virsh(&[
+        "vol-create-as",
+        pool,
+        &volume,
+        "1G",
+        "--format",
+        "qcow2",
+        "--backing-vol",
+        env.get("BASE_VOLUME"),
+        "--backing-vol-format",
+        "qcow2",
+    ]);
+    let orphan = format!(
+        "<domain type='qemu'><name>gc-orphan</name><memory unit='MiB'>64</memory>
+           <metadata><hatchery:job xmlns:hatchery='https://hatchery.dev/xmlns/job/1'>
+             <hatchery:id>{job_id}</hatchery:id>
+             <hatchery:overlay pool='{pool}' volume='{volume}'/>
+             <hatchery:state>rolling-back</hatchery:state>
+             <hatchery:updated-at>1000</hatchery:updated-at>
+           </hatchery:job></metadata>
+           <os><type arch='x86_64'>hvm</type></os></domain>"
+    );
+    let bystander = "<domain type='qemu'><name>gc-bystander</name><memory unit='MiB'>64</memory>
+           <os><type arch='x86_64'>hvm</type></os></domain>";
+    for (name, xml) in [("orphan", orphan.as_str()), ("bystander", bystander)] {
+        let file = dir.path().join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        env.virsh(&["define", file.to_str().unwrap()]);
+    }
+
+    let gc = |apply: bool| {
+        let mut args = vec!["gc", "-c", env.get("LIBVIRT_URI")];
+        if apply {
+            args.push("--apply");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_hatchery"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let report = gc(false);
+    assert!(report.contains("domain gc-orphan"), "{report}");
+    assert!(report.contains(&format!("volume {volume}")), "{report}");
+    assert!(!report.contains("gc-bystander"), "{report}");
+    assert!(
+        env.virsh(&["list", "--all", "--name"])
+            .contains("gc-orphan"),
+        "dry run removed it"
+    );
+
+    let applied = gc(true);
+    assert!(applied.contains("removed 2 of 2"), "{applied}");
+    let domains = env.virsh(&["list", "--all", "--name"]);
+    assert!(!domains.contains("gc-orphan"), "{domains}");
+    assert!(domains.contains("gc-bystander"), "{domains}");
+    assert!(!env.virsh(&["vol-list", pool]).contains(&volume));
+    env.virsh(&["undefine", "gc-bystander"]);
+}

@@ -5,6 +5,7 @@
 
 mod cancel;
 mod events;
+mod gc;
 mod run;
 mod submit;
 mod validate;
@@ -37,6 +38,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run one job in this process, without a broker: progress on stderr, events on stdout.
     Run(run::RunArgs),
+    /// Find what hatchery made that no job owns any more; remove it with --apply.
+    Gc(gc::GcArgs),
     /// Check job files against the contract and print every problem with its JSON path.
     Validate {
         #[arg(required = true)]
@@ -71,6 +74,7 @@ pub fn init_logging(cli: &Cli) {
 pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::main(args),
+        Command::Gc(args) => gc::main(args),
         Command::Validate { files } => Ok(validate::main(&files)),
         Command::Worker(args) => worker::main(args),
         Command::Submit(args) => submit::main(args),

@@ -24,7 +24,7 @@ pub const DEFAULT_PREFIX: &str = "dev.hatchery";
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1d_5d1e_8a8e_4c0b_9d0c_1e2f_3a4b_5c6d);
 
 /// Every kind of event hatchery publishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventKind {
     JobStarted,
     StageStarted,

@@ -31,6 +31,46 @@ pub struct JobMetadata {
     /// When the domain was last started, in seconds since the epoch; leases older than this
     /// belong to an earlier guest.
     pub started_at: Option<i64>,
+    pub state: JobState,
+    /// The stage that failed, once the job has failed.
+    pub failed_stage: Option<StageKind>,
+    /// When a worker last wrote this record, in seconds since the epoch.
+    pub updated_at: Option<i64>,
+}
+
+/// Where the job that made a domain stands, as far as the domain itself can tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JobState {
+    /// A worker is (or was, before it died) provisioning it.
+    #[default]
+    Running,
+    /// The job failed and its rollback started; a redelivery finishes the rollback.
+    RollingBack,
+    /// The job failed and asked to keep what it made.
+    Kept,
+    Succeeded,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::RollingBack => "rolling-back",
+            JobState::Kept => "kept",
+            JobState::Succeeded => "succeeded",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::RollingBack,
+            Self::Kept,
+            Self::Succeeded,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
 }
 
 impl JobMetadata {
@@ -78,6 +118,13 @@ impl JobMetadata {
         if let Some(at) = self.started_at {
             el = el.child(Element::leaf(name("hatchery:started-at"), at));
         }
+        el = el.child(Element::leaf(name("hatchery:state"), self.state.as_str()));
+        if let Some(stage) = self.failed_stage {
+            el = el.child(Element::leaf(name("hatchery:failed-stage"), stage.as_str()));
+        }
+        if let Some(at) = self.updated_at {
+            el = el.child(Element::leaf(name("hatchery:updated-at"), at));
+        }
         el
     }
 
@@ -115,6 +162,9 @@ impl JobMetadata {
                 .ok_or(MetadataError::Missing("volume"))?
                 .into(),
             started_at: text("started-at").and_then(|t| t.parse().ok()),
+            state: text("state").and_then(JobState::parse).unwrap_or_default(),
+            failed_stage: text("failed-stage").and_then(|t| StageKind::from_str(t).ok()),
+            updated_at: text("updated-at").and_then(|t| t.parse().ok()),
         })
     }
 }
@@ -145,6 +195,9 @@ mod tests {
             overlay_pool: "default".into(),
             overlay_volume: "vm.qcow2".into(),
             started_at: Some(1_700_000_000),
+            state: JobState::RollingBack,
+            failed_stage: Some(StageKind::Finish),
+            updated_at: Some(1_700_000_100),
         };
         // libvirt hands the element back with a default namespace instead of the prefix.
         assert_eq!(JobMetadata::parse(&meta.to_xml()).expect("parses"), meta);

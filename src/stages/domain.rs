@@ -6,7 +6,7 @@ use tracing::{debug, info, warn};
 use virt::sys;
 
 use super::{JobRun, Refusal, Stage, StageError, StageKind};
-use crate::hypervisor::metadata::{self, JobMetadata};
+use crate::hypervisor::metadata::{self, JobMetadata, JobState};
 use crate::hypervisor::xml::{self, DomainSpec, KernelXml, NicXml};
 use crate::hypervisor::{Op, inspect};
 use crate::job::ConsoleKind;
@@ -49,6 +49,7 @@ impl Stage for Domain {
         }
         meta.attempt = cx.attempt;
         meta.stage = Some(StageKind::Domain);
+        meta.updated_at = Some(now_secs());
         write_metadata(cx, &name, &meta).await?;
 
         let n = name.clone();
@@ -159,6 +160,9 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
         overlay_pool: overlay.pool.clone(),
         overlay_volume: overlay.volume.clone(),
         started_at: None,
+        state: JobState::Running,
+        failed_stage: None,
+        updated_at: Some(now_secs()),
     };
 
     let console = vm.console.as_ref();

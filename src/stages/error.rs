@@ -41,6 +41,8 @@ pub enum StageError {
     Timeout(Duration),
     #[error("job was cancelled")]
     Cancelled,
+    #[error("an earlier run of this job failed and began rolling back; the rollback was finished")]
+    Interrupted,
 }
 
 /// A job hatchery will not carry out as asked; retrying cannot help.
@@ -96,6 +98,8 @@ pub enum ErrorClass {
     Timeout,
     Refused,
     Cancelled,
+    /// A failure an earlier, crashed run already decided; only its rollback was left.
+    Interrupted,
     Internal,
 }
 
@@ -114,6 +118,7 @@ impl ErrorClass {
             ErrorClass::Timeout => "timeout",
             ErrorClass::Refused => "refused",
             ErrorClass::Cancelled => "cancelled",
+            ErrorClass::Interrupted => "interrupted",
             ErrorClass::Internal => "internal",
         }
     }
@@ -133,6 +138,7 @@ impl StageError {
             StageError::ScriptFailed { .. } => ErrorClass::ScriptFailed,
             StageError::Timeout(_) => ErrorClass::Timeout,
             StageError::Cancelled => ErrorClass::Cancelled,
+            StageError::Interrupted => ErrorClass::Interrupted,
         }
     }
 
