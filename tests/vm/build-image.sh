@@ -8,11 +8,13 @@
 # Everything comes from Debian packages fetched with `apt-get download` and unpacked with
 # `dpkg-deb -x`; nothing is installed on the host and nothing is loop-mounted (the filesystem is
 # written by `mke2fs -d`). The result lands in CACHE_DIR/image and is rebuilt only when this
-# script or a package version changes; CACHE_DIR/keys holds the client keys, made once.
+# script, a file in guest/ or a package version changes; CACHE_DIR/keys holds the client and
+# guest host keys, made once per cache.
 set -euo pipefail
 
-readonly SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
-readonly PASSWORD=hatchery-e2e        # for root and hatch; a test image, never a real secret
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly HERE GUEST=$HERE/guest # files that go into the guest as they are
+readonly PASSWORD=hatchery-e2e # for root and hatch; a test image, never a real secret
 readonly FS_SIZE=64M
 readonly KERNEL_META=linux-image-cloud-amd64
 readonly GUEST_PKGS=(busybox-static dropbear-bin libtomcrypt1 libtommath1 libgmp10 libc6
@@ -47,8 +49,8 @@ resolve_packages() {
   [[ $kpkg == linux-image-* ]] || die "cannot resolve $KERNEL_META to a kernel package"
   KVER=${kpkg#linux-image-}
   VERSIONS=("$kpkg=$kv")
-  VERSIONS+=($(awk -v meta="$KERNEL_META" '$1 != "kernel" && $1 != meta {print $1 "=" $2}' \
-    <<<"$info"))
+  mapfile -t -O 1 VERSIONS < <(awk -v meta="$KERNEL_META" \
+    '$1 != "kernel" && $1 != meta {print $1 "=" $2}' <<<"$info")
   ((${#VERSIONS[@]} == ${#GUEST_PKGS[@]} + 1)) || die "apt does not know every guest package"
 }
 
@@ -77,7 +79,7 @@ ensure_host_keys() {
 }
 
 inputs_hash() {
-  { cat "$SCRIPT"; printf '%s\n' "${VERSIONS[@]}"; cat "$KEYS"/*.pub; } |
+  { cat "$HERE/build-image.sh" "$GUEST"/*; printf '%s\n' "${VERSIONS[@]}"; cat "$KEYS"/*.pub; } |
     sha256sum | cut -d' ' -f1
 }
 
@@ -126,8 +128,8 @@ copy_elf() {
 }
 
 make_root() {
-  mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,usr/lib,etc/init.d,etc/dropbear,etc/acpi/PWRF,dev,proc}
-  mkdir -p "$R"/{sys,run,mnt,var/log,var/run,root/.ssh,home/hatch/.ssh}
+  mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,usr/lib,dev,proc,sys,run,mnt,var/log,var/run}
+  mkdir -p "$R"/{etc/init.d,etc/dropbear,etc/acpi/PWRF,root/.ssh,home/hatch/.ssh}
   install -d -m 1777 "$R/tmp" "$R/var/tmp"
 
   # busybox provides the shell and the tools a finish script expects; link every applet
@@ -136,16 +138,7 @@ make_root() {
   for applet in $("$R/bin/busybox" --list-full); do
     [[ -e $R/$applet ]] || ln -s /bin/busybox "$R/$applet"
   done
-  # Debian's busybox has no nohup applet; finish scripts launched detached rely on one
-  cat >"$R/usr/bin/nohup" <<'EOF'
-#!/bin/sh
-# Minimal nohup: ignore hangups (inherited across exec), keep output off a closing terminal.
-trap '' HUP
-[ -t 1 ] && exec >>nohup.out
-[ -t 2 ] && exec 2>&1
-exec "$@"
-EOF
-  chmod 0755 "$R/usr/bin/nohup"
+  install -m 0755 "$GUEST/nohup" "$R/usr/bin/nohup" # Debian's busybox lacks the applet
 
   # dropbear looks for sftp-server at /usr/lib/sftp-server; scp serves `scp -t` requests
   copy_elf usr/sbin/dropbear usr/lib/openssh/sftp-server usr/bin/scp
@@ -180,91 +173,16 @@ write_etc() {
   printf '%s\n' 'passwd: files' 'group: files' 'shadow: files' 'hosts: files' \
     >"$R/etc/nsswitch.conf"
   printf '127.0.0.1 localhost\n' >"$R/etc/hosts"
-  mkdir -p "$R/etc/pam.d"
-  printf '%s\n' 'auth required pam_unix.so' 'account required pam_unix.so' \
-    'session required pam_unix.so' >"$R/etc/pam.d/sudo"
-  # members of group sudo (hatch) may do anything after giving their own password
-  printf '%s\n' 'Defaults !fqdn, !lecture, secure_path="/usr/sbin:/usr/bin:/sbin:/bin"' \
-    'root ALL=(ALL:ALL) ALL' '%sudo ALL=(ALL:ALL) ALL' >"$R/etc/sudoers"
-  chmod 0440 "$R/etc/sudoers"
+  install -D -m 0644 "$GUEST/pam-sudo" "$R/etc/pam.d/sudo"
+  install -m 0440 "$GUEST/sudoers" "$R/etc/sudoers"
   echo hatchery-guest >"$R/etc/hostname"
   echo 'export PATH=/usr/sbin:/usr/bin:/sbin:/bin' >"$R/etc/profile"
   echo "$HASH" >"$R/etc/hatchery-base"
 
-  cat >"$R/etc/inittab" <<'EOF'
-::sysinit:/etc/init.d/rcS
-::ctrlaltdel:/sbin/reboot
-::shutdown:/bin/sync
-EOF
-  # busybox acpid runs the script named after the event when the power button is pressed
-  printf '#!/bin/sh\necho HATCHERY-POWEROFF >/dev/console\nexec /sbin/poweroff\n' \
-    >"$R/etc/acpi/PWRF/00000080"
-  write_rcs
-  write_udhcpc_script
-  chmod 0755 "$R/etc/init.d/rcS" "$R/etc/udhcpc.script" "$R/etc/acpi/PWRF/00000080"
-}
-
-write_rcs() {
-  cat >"$R/etc/init.d/rcS" <<'EOF'
-#!/bin/sh
-# Guest boot: mounts, sshd, then DHCP. sshd starts first so that SSH answers as soon as the
-# lease shows up in libvirt. The HATCHERY-* lines on the console let tests time the boot.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null # already there when the initramfs moved it
-mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
-
-# hatchery.hostname=NAME on the kernel command line names the guest (and its DHCP lease)
-name=$(cat /etc/hostname)
-for arg in $(cat /proc/cmdline); do
-  case $arg in hatchery.hostname=*) name=${arg#*=} ;; esac
-done
-hostname "$name"
-echo "127.0.1.1 $name" >>/etc/hosts # sudo complains about a hostname it cannot resolve
-ip link set lo up
-acpid -c /etc/acpi 2>/dev/null
-
-dropbear -r /etc/dropbear/dropbear_ed25519_host_key -r /etc/dropbear/dropbear_rsa_host_key \
-  -p 22 -P /run/dropbear.pid -E 2>>/var/log/dropbear.log
-# dropbear binds its port after forking; report only once port 22 (0016) is listening (0A)
-i=0
-while ! grep -q ':0016 00000000:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
-  i=$((i + 1)); [ $i -gt 500 ] && break
-  usleep 10000
-done
-echo "HATCHERY-SSHD-UP $(uptime_s)" >/dev/console
-
-# keep asking for a lease forever, once a second: -f stays in the foreground of its own job
-udhcpc -f -i eth0 -s /etc/udhcpc.script -t 5 -T 1 -A 1 -x "hostname:$name" \
-  -p /run/udhcpc.pid >/dev/null 2>&1 &
-EOF
-}
-
-write_udhcpc_script() {
-  cat >"$R/etc/udhcpc.script" <<'EOF'
-#!/bin/sh
-# udhcpc calls this with the lease in its environment; apply it to the interface.
-case $1 in
-deconfig)
-  ip addr flush dev "$interface"
-  ip link set "$interface" up
-  ;;
-bound | renew)
-  ip addr flush dev "$interface"
-  ip addr add "$ip/${mask:-24}" dev "$interface"
-  if [ -n "$router" ]; then
-    ip route replace default via "${router%% *}" dev "$interface"
-  fi
-  : >/etc/resolv.conf
-  for ns in $dns; do echo "nameserver $ns" >>/etc/resolv.conf; done
-  echo "HATCHERY-LEASE $ip $(cut -d' ' -f1 /proc/uptime)" >/dev/console
-  ;;
-esac
-exit 0
-EOF
+  install -m 0644 "$GUEST/inittab" "$R/etc/inittab"
+  install -m 0755 "$GUEST/rcS" "$R/etc/init.d/rcS"
+  install -m 0755 "$GUEST/udhcpc.script" "$R/etc/udhcpc.script"
+  install -m 0755 "$GUEST/power-button" "$R/etc/acpi/PWRF/00000080"
 }
 
 # The kernel's virtio drivers are modules: list them with their dependencies, dependencies
@@ -287,46 +205,21 @@ module_order() {
 }
 
 make_initramfs() {
-  local I=$WORK/initrd f names=() modules
+  local I=$WORK/initrd f modules
   mkdir -p "$I"/{bin,dev,proc,sys,newroot,modules}
   cp "$X/bin/busybox" "$I/bin/busybox"
+  install -m 0755 "$GUEST/init" "$I/init"
   modules=$(module_order)
   for f in $modules; do
     cp "$f" "$I/modules/"
-    names+=("$(basename "$f")")
+    basename "$f" >>"$I/modules/order"
   done
-
-  cat >"$I/init" <<EOF
-#!/bin/busybox sh
-# initramfs PID 1: load the virtio drivers, mount the qcow2 overlay (/dev/vda) read-write as
-# the root filesystem and hand over to busybox init on it.
-/bin/busybox --install -s /bin
-export PATH=/bin
-fail() { echo "HATCHERY-INITRAMFS-FAILED \$*" >/dev/console; sleep 2; poweroff -f; }
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-# A blocking read makes the kernel gather jitter entropy now (about a second under TCG) rather
-# than when sshd first needs random numbers, which would stall the first SSH login instead.
-head -c 1 /dev/random >/dev/null &
-for m in ${names[*]}; do insmod /modules/\$m || echo "insmod \$m failed" >/dev/console; done
-i=0
-while [ ! -b /dev/vda ]; do
-  i=\$((i + 1)); [ \$i -gt 500 ] && fail "no /dev/vda"
-  usleep 20000
-done
-mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
-umount /proc /sys
-mount --move /dev /newroot/dev
-exec switch_root /newroot /sbin/init
-EOF
-  chmod 0755 "$I/init"
   (cd "$I" && find . | cpio -o -H newc --quiet | gzip -9) >"$OUT/initrd.img"
 }
 
 make_disk() {
-  mke2fs -q -t ext4 -L hatchery-root -N 4096 -E root_owner=0:0 -d "$R" "$WORK/root.raw" "$FS_SIZE" \
-    >/dev/null
+  mke2fs -q -t ext4 -L hatchery-root -N 4096 -E root_owner=0:0 -d "$R" \
+    "$WORK/root.raw" "$FS_SIZE" >/dev/null
   qemu-img convert -q -c -O qcow2 "$WORK/root.raw" "$OUT/base.qcow2"
 }
 
@@ -360,7 +253,7 @@ main() {
   ensure_keys
   HASH=$(inputs_hash)
   # the host keys are an input too: an image is stale if they were deleted and made anew
-  if [[ -f $CACHE/image/image.env && $(cat "$CACHE/image/inputs.sha256" 2>/dev/null) == "$HASH" ]] &&
+  if [[ $(cat "$CACHE/image/inputs.sha256" 2>/dev/null) == "$HASH" ]] &&
     cmp -s "$KEYS/known_hosts" "$CACHE/image/known_hosts"; then
     log "up to date: $CACHE/image"
     return

@@ -21,7 +21,8 @@
 # gets no bridge, no route and no libvirt network; its libvirt, if any, is never contacted.
 set -euo pipefail
 
-readonly HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly HERE
 readonly STATE=${HATCHERY_E2E_STATE:-/tmp/hatchery-e2e}
 readonly CACHE=${HATCHERY_E2E_CACHE:-$(cd "$HERE/../.." && pwd)/target/vm-cache}
 readonly NS=${HATCHERY_E2E_NS:-hatchery-e2e}
@@ -69,16 +70,18 @@ kill_relay() {
 teardown() {
   kill_relay
   if ns_exists; then
-    local pids i
+    local pids _
     pids=$(ip netns pids "$NS")
     if [[ -n $pids ]]; then
       log "stopping $(wc -w <<<"$pids") processes in namespace $NS"
+      # shellcheck disable=SC2086 # one pid per word
       kill $pids 2>/dev/null || true
-      for i in $(seq 50); do
+      for _ in $(seq 50); do
         [[ -z $(ip netns pids "$NS") ]] && break
         sleep 0.1
       done
       pids=$(ip netns pids "$NS")
+      # shellcheck disable=SC2086
       [[ -z $pids ]] || kill -9 $pids 2>/dev/null || true
     fi
     ip netns del "$NS"
@@ -116,8 +119,8 @@ start_libvirtd() {
     mount --bind '$STATE/log' /var/log/libvirt
     mount --bind '$CACHE/libvirt-cache' /var/cache/libvirt
     exec libvirtd --daemon --pid-file /run/libvirt/libvirtd.pid" 8>&-
-  local i
-  for i in $(seq 300); do
+  local _
+  for _ in $(seq 300); do
     virsh_ version >/dev/null 2>&1 && return
     sleep 0.1
   done
@@ -178,8 +181,8 @@ start_amqp_relay() {
 
   # end-to-end check: RabbitMQ answers a bad protocol header with its own, "AMQP...". The
   # namespace side needs a moment to bind, hence the retries.
-  local i reply
-  for i in $(seq 50); do
+  local _ reply
+  for _ in $(seq 50); do
     reply=$(ip netns exec "$NS" timeout 2 bash -c \
       'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "HATCHERY" >&3 && head -c 4 <&3' \
       2>/dev/null) && [[ $reply == AMQP ]] && return
@@ -246,7 +249,7 @@ cmd_down() {
 
 cmd_status() {
   local ok=0
-  ns_exists && log "namespace $NS: present" || { log "namespace $NS: absent"; ok=1; }
+  if ns_exists; then log "namespace $NS: present"; else log "namespace $NS: absent" && ok=1; fi
   if virsh_ version >/dev/null 2>&1; then
     log "libvirtd: answering on $SOCK"
     virsh_ net-list --all >&2

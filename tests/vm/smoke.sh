@@ -7,7 +7,8 @@
 # Runs `env.sh up` first and `env.sh down` at the end. Prints the timings it measured.
 set -euo pipefail
 
-readonly HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly HERE
 readonly VM=hatchery-smoke MAC=52:54:00:77:00:51
 readonly VM2=hatchery-smoke-nodhcp MAC2=52:54:00:77:00:52
 declare -A E # the env file written by env.sh up
@@ -15,7 +16,8 @@ declare -A E # the env file written by env.sh up
 log() { printf '[smoke %s] %s\n' "$(date +%T.%3N)" "$*" >&2; }
 die() {
   log "FAILED: $*"
-  [[ -f ${E[CONSOLE_DIR]:-/nonexistent}/$VM.log ]] && sed 's/^/  console| /' "${E[CONSOLE_DIR]}/$VM.log" >&2
+  local console=${E[CONSOLE_DIR]:-/nonexistent}/$VM.log
+  [[ -f $console ]] && sed 's/^/  console| /' "$console" >&2
   exit 1
 }
 now() { date +%s.%N; }
@@ -78,7 +80,8 @@ EOF
 wait_for_lease() {
   local deadline=$((SECONDS + 60))
   while ((SECONDS < deadline)); do
-    IP=$(virsh_ net-dhcp-leases "${E[NETWORK]}" --mac "$MAC" | awk '{ sub(/\/.*/, "", $5); print $5 }')
+    IP=$(virsh_ net-dhcp-leases "${E[NETWORK]}" --mac "$MAC" |
+      awk '{ sub(/\/.*/, "", $5); print $5 }')
     [[ -n $IP ]] && return
     sleep 0.1
   done
@@ -111,7 +114,8 @@ wait_for_ssh() {
 check_logins() {
   [[ $(ssh_key "${E[SSH_KEY_RSA]}" root id -u) == 0 ]] || die "RSA key login as root"
   [[ $(ssh_password root id -u) == 0 ]] || die "password login as root"
-  [[ $(ssh_password "${E[SSH_USER_UNPRIVILEGED]}" id -un) == hatch ]] || die "password login as hatch"
+  [[ $(ssh_password "${E[SSH_USER_UNPRIVILEGED]}" id -un) == hatch ]] ||
+    die "password login as hatch"
   [[ $(ssh_key "${E[SSH_KEY]}" hatch id -un) == hatch ]] || die "key login as hatch"
   [[ $(ssh_key "${E[SSH_KEY]}" hatch "echo '${E[SSH_PASSWORD]}' | sudo -S -p '' id -u") == 0 ]] ||
     die "sudo as hatch"
@@ -127,13 +131,14 @@ echo done >>/tmp/finish.out
 EOF
   ssh_key "${E[SSH_KEY]}" root \
     'nohup setsid sh /var/tmp/finish.sh >/tmp/finish.log 2>&1 </dev/null & echo started'
-  local i
-  for i in $(seq 50); do
+  local _
+  for _ in $(seq 50); do
     ssh_key "${E[SSH_KEY]}" root 'grep -q done /tmp/finish.out 2>/dev/null' && break
     sleep 0.2
   done
   ssh_key "${E[SSH_KEY]}" root 'cat /tmp/finish.out' | sed 's/^/  guest| /' >&2
-  ssh_key "${E[SSH_KEY]}" root 'grep -q done /tmp/finish.out' || die "detached script did not finish"
+  ssh_key "${E[SSH_KEY]}" root 'grep -q done /tmp/finish.out' ||
+    die "detached script did not finish"
   log "detached script ok"
 }
 
