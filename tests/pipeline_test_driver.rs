@@ -12,11 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use hatchery::events::{Event, EventData, EventKind, EventSink, Publisher};
 use hatchery::hypervisor::Op;
+use hatchery::hypervisor::metadata::JobState;
 use hatchery::job::Job;
 use hatchery::pipeline::{Outcome, Pipeline};
+use hatchery::reconcile;
 use hatchery::settings::Settings;
 use hatchery::stages::address::Address;
-use hatchery::stages::domain::Domain;
+use hatchery::stages::domain::{self, Domain};
 use hatchery::stages::finish::Finish;
 use hatchery::stages::overlay::Overlay;
 use hatchery::stages::{JobRun, Stage, StageKind};
@@ -457,4 +459,96 @@ async fn cancelling_stops_the_job_and_rolls_it_back() {
     assert_eq!(sink.last().kind(), Some(EventKind::JobCancelled));
     assert_eq!(sink.result()["rolled_back"], true);
     assert_eq!(inventory(&p, &host.uri).await.1, vec![BASE.to_owned()]);
+}
+
+#[tokio::test]
+async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let job = Arc::new(jobs::parse(&jobs::provision(&host.uri, "half-undone")));
+
+    // A worker made the overlay and the domain, failed, began rolling back, and died.
+    let mut cx = JobRun::new(
+        Arc::clone(&job),
+        p.hypervisors.get(&host.uri),
+        Arc::clone(&p.settings),
+        1,
+    );
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+    let mut meta = domain::read_metadata(&cx, "half-undone")
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    meta.state = JobState::RollingBack;
+    meta.failed_stage = Some(StageKind::Finish);
+    domain::write_metadata(&cx, "half-undone", &meta)
+        .await
+        .unwrap();
+
+    let sink = Collect::default();
+    let outcome = p
+        .run((*job).clone(), 2, CancellationToken::new(), &sink)
+        .await;
+
+    assert_eq!(outcome, Outcome::Failed);
+    let result = sink.result();
+    assert_eq!(result["failure"]["class"], "interrupted");
+    assert_eq!(result["failure"]["stage"], "finish");
+    assert_eq!(result["rolled_back"], true);
+    assert!(
+        !sink.kinds().contains(&EventKind::StageStarted),
+        "no stage ran again"
+    );
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert!(domains.is_empty(), "{domains:?}");
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+}
+
+#[tokio::test]
+async fn the_reconciler_finds_only_what_no_job_owns() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let hv = p.hypervisors.get(&host.uri);
+
+    // A healthy VM, a kept failure, and an abandoned half-made one.
+    let (ok, _) = run(&p, jobs::parse(&jobs::provision(&host.uri, "healthy"))).await;
+    assert_eq!(ok, Outcome::Succeeded);
+    let abandoned = Arc::new(jobs::parse(&jobs::provision(&host.uri, "abandoned")));
+    let mut cx = JobRun::new(
+        Arc::clone(&abandoned),
+        Arc::clone(&hv),
+        Arc::clone(&p.settings),
+        1,
+    );
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+    let mut meta = domain::read_metadata(&cx, "abandoned")
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    meta.updated_at = Some(1_000);
+    domain::write_metadata(&cx, "abandoned", &meta)
+        .await
+        .unwrap();
+
+    let day = std::time::Duration::from_secs(86_400);
+    let orphans = reconcile::find(&hv, day).await.unwrap();
+    let names: Vec<&str> = orphans.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(orphans.len(), 2, "{orphans:?}");
+    assert_eq!(names[0], "abandoned");
+    assert!(names[1].starts_with("abandoned-"), "its overlay: {names:?}");
+
+    assert_eq!(reconcile::remove(&hv, &orphans, day).await.unwrap(), 2);
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["healthy".to_owned()]);
+    assert_eq!(
+        volumes.len(),
+        2,
+        "the base and the healthy VM's overlay: {volumes:?}"
+    );
 }
