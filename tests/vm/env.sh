@@ -50,7 +50,8 @@ preflight() {
 # daemon started below closes fd 8, or it would hold the lock for as long as it runs.
 take_lock() { exec 8>"$STATE.lock" && flock 8; }
 
-ns_exists() { ip netns list | grep -qw "^$NS"; }
+# exact name: grep -w would take hatchery-e2e-other for hatchery-e2e
+ns_exists() { ip netns list | awk '{print $1}' | grep -qxF "$NS"; }
 
 # The root-namespace relay is the only process of ours outside the namespace. Find it by its
 # exact command line (it names our socket), which also works when a crash lost the state dir.
