@@ -98,6 +98,13 @@ fetch_debs() {
     { grep -v unsandboxed "$WORK/apt.log" >&2; return 1; }
 }
 
+# Versions superseded by an update stay behind otherwise; the cache would only ever grow.
+prune_debs() {
+  local keep=" " pv f
+  for pv in "${VERSIONS[@]}"; do keep+="$(deb_file "$pv") "; done
+  for f in "$DEBS"/*.deb; do [[ $keep == *" $f "* ]] || rm -f "$f"; done
+}
+
 unpack_debs() {
   local pv
   for pv in "${VERSIONS[@]}"; do dpkg-deb -x "$(deb_file "$pv")" "$X"; done
@@ -269,6 +276,7 @@ main() {
     HASH=$(inputs_hash)
     fetch_debs || die "apt-get download failed"
   fi
+  prune_debs
   X=$WORK/x R=$WORK/root OUT=$CACHE/image.new
   rm -rf "$OUT" && mkdir -p "$X" "$R" "$OUT"
   unpack_debs
