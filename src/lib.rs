@@ -13,15 +13,18 @@
 //! - [`guest`]: SSH to the guest: waiting for sshd, logging in, running the finish script once.
 //! - [`events`]: the CloudEvents a job produces, and the sinks they go to.
 //! - [`fleet`]: the broker side: workers consuming jobs from RabbitMQ, publishing events.
+//! - [`observe`]: metrics derived from the events, and health endpoints.
 //! - [`reconcile`]: finds and removes what no live job owns (`hatchery gc`).
 //! - [`cli`]: the `hatchery` command's subcommands.
 
 pub mod cli;
+pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod guest;
 pub mod hypervisor;
 pub mod job;
+pub mod observe;
 pub mod pipeline;
 pub mod reconcile;
 pub mod retry;
