@@ -19,7 +19,7 @@ use crate::settings::{DefaultTimeouts, Settings};
 /// The environment variable prefix; `__` separates the parts of a key.
 pub const ENV_PREFIX: &str = "HATCHERY__";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub worker: WorkerConfig,
@@ -200,21 +200,6 @@ impl Default for LimitsConfig {
             script_bytes: l.script_bytes,
             nics: l.nics,
             output_tail_bytes: l.output_tail_bytes,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            worker: WorkerConfig::default(),
-            broker: BrokerConfig::default(),
-            events: EventsConfig::default(),
-            hypervisors: BTreeMap::new(),
-            secrets: SecretsConfig::default(),
-            timeouts: TimeoutsConfig::default(),
-            retry: RetryConfig::default(),
-            limits: LimitsConfig::default(),
         }
     }
 }
