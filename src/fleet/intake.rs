@@ -86,7 +86,7 @@ impl Intake {
                     info!(job_id = %id, "job finished elsewhere; publishing its outcome again");
                     let batch_size = job.batch.as_ref().map(|b| b.size);
                     return self
-                        .conclude(id, &run, Finished { event, batch_size }, false)
+                        .conclude(id, Finished { event, batch_size }, true, false)
                         .await;
                 }
                 Ok(None) => {}
@@ -97,7 +97,7 @@ impl Intake {
         if self.cancels.contains(id) {
             info!(job_id = %id, "job cancelled before it started; dropping it");
             let finished = self.cancelled_before_start(&job, attempt);
-            return self.conclude(id, &run, finished, false).await;
+            return self.conclude(id, finished, true, false).await;
         }
         self.run(job, run, attempt).await;
     }
@@ -139,8 +139,9 @@ impl Intake {
             self.claims.release(id).await;
             return;
         };
-        self.conclude(id, &run, Finished { event, batch_size }, handed_over)
-            .await;
+        // The sink published the final event already, with a confirm.
+        let finished = Finished { event, batch_size };
+        self.conclude(id, finished, false, handed_over).await;
     }
 
     /// Publishes a copy of the job (marked as a continuation) and acknowledges the deliveries
@@ -167,8 +168,8 @@ impl Intake {
     }
 
     /// Records the outcome, settles every delivery of the job, and releases its claim.
-    async fn conclude(&self, id: Uuid, _run: &Run, finished: Finished, leave_marker: bool) {
-        if !self.publish_final(&finished).await {
+    async fn conclude(&self, id: Uuid, finished: Finished, publish: bool, leave_marker: bool) {
+        if publish && !self.publish_final(&finished).await {
             // Closing: the deliveries go back to the queue with the connection.
             return;
         }
