@@ -18,7 +18,8 @@ fn job(env: &VmEnv, name: &str, network: &str, credential: Value, script: &str) 
     }
     json!({
         "id": Uuid::new_v4(),
-        "hypervisor": env.get("LIBVIRT_URI"),
+        // The URI has parameters, which jobs may not carry: `run` gets it with --connect.
+        "hypervisor": "e2e",
         "provision": {
             "vm": {
                 "name": name,
@@ -60,6 +61,8 @@ fn run(env: &VmEnv, job: &Value) -> Vec<Value> {
         &[
             "run",
             file.to_str().unwrap(),
+            "--connect",
+            env.get("LIBVIRT_URI"),
             "--serial-log-dir",
             env.get("CONSOLE_DIR"),
         ],
@@ -122,7 +125,7 @@ fn sha256_of(path: &str) -> String {
 fn deprovision(env: &VmEnv, name: &str) -> Vec<Value> {
     let job = json!({
         "id": Uuid::new_v4(),
-        "hypervisor": env.get("LIBVIRT_URI"),
+        "hypervisor": "e2e",
         "deprovision": { "name": name }
     });
     run(env, &job)

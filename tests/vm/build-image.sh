@@ -14,7 +14,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly HERE GUEST=$HERE/guest # files that go into the guest as they are
-readonly PASSWORD=hatchery-e2e # for root and hatch; a test image, never a real secret
+readonly PASSWORD=Kq7-test-only-pw # for root and hatch; a test image, never a real secret
 readonly FS_SIZE=64M
 readonly KERNEL_META=linux-image-cloud-amd64
 readonly GUEST_PKGS=(busybox-static dropbear-bin libtomcrypt1 libtommath1 libgmp10 libc6
