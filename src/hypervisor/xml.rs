@@ -92,6 +92,8 @@ impl Element {
 
 /// Escapes text and attribute values. Characters XML 1.0 cannot carry at all become U+FFFD;
 /// validation rejects them long before, this only keeps the document well-formed regardless.
+/// Tab, newline and carriage return are written as character references: a parser turns them
+/// into spaces in attribute values, and a carriage return into a newline in text.
 pub fn escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
@@ -101,7 +103,9 @@ pub fn escape(value: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&apos;"),
-            '\t' | '\n' | '\r' => out.push(c),
+            '\t' => out.push_str("&#9;"),
+            '\n' => out.push_str("&#10;"),
+            '\r' => out.push_str("&#13;"),
             c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => out.push('\u{fffd}'),
             c => out.push(c),
         }

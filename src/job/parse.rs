@@ -89,7 +89,10 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Job, RejectedJob> {
 
 /// Like [`parse`], for a document that is already JSON.
 pub fn parse_value(value: &Value, limits: &Limits) -> Result<Job, RejectedJob> {
-    let problems = schema_problems(value);
+    let mut problems = schema_problems(value);
+    if problems.is_empty() {
+        decimal_numbers("", value, &mut problems);
+    }
     if !problems.is_empty() {
         return Err(RejectedJob::Invalid(problems));
     }
@@ -104,6 +107,29 @@ pub fn parse_value(value: &Value, limits: &Limits) -> Result<Job, RejectedJob> {
         Ok(job)
     } else {
         Err(RejectedJob::Invalid(problems))
+    }
+}
+
+/// Every number in a job is a whole count. JSON Schema calls `2048.0` and `2e3` integers, but the
+/// Rust types do not, and serde would blame the whole document; name the field instead.
+fn decimal_numbers(path: &str, value: &Value, problems: &mut Vec<Problem>) {
+    match value {
+        Value::Number(n) if n.is_f64() => problems.push(Problem::new(
+            path,
+            "must be an integer written without a fraction or exponent",
+        )),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                decimal_numbers(&format!("{path}/{i}"), item, problems);
+            }
+        }
+        Value::Object(fields) => {
+            for (key, field) in fields {
+                let key = key.replace('~', "~0").replace('/', "~1");
+                decimal_numbers(&format!("{path}/{key}"), field, problems);
+            }
+        }
+        _ => {}
     }
 }
 

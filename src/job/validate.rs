@@ -281,5 +281,14 @@ impl Checker {
                 "URI must be printable ASCII without spaces, at most 1024 bytes",
             );
         }
+        // libvirt reads the ssh binary (`command`), host key checking (`no_verify`), key files
+        // and sockets on the worker from URI parameters; only the worker's own configuration
+        // may set those.
+        if rest.contains('?') {
+            self.fail(
+                path,
+                "URI must not carry parameters; name a configured hypervisor instead",
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod built_xml;
 pub mod fleet;
 pub mod jobs;
 pub mod sshd;
