@@ -88,6 +88,9 @@ pub struct HypervisorConfig {
     /// `qemu+ssh://` URIs, `true`-like `"auto"` takes the URI's user and host.
     #[serde(default)]
     pub jump_host: Option<String>,
+    /// Base image volumes in `pool` that `hatchery check` makes sure are there.
+    #[serde(default)]
+    pub bases: Vec<String>,
 }
 
 fn default_hypervisor_concurrency() -> u16 {

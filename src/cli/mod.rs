@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout)]
 
 mod cancel;
+mod check;
 mod events;
 mod gc;
 mod run;
@@ -38,6 +39,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run one job in this process, without a broker: progress on stderr, events on stdout.
     Run(run::RunArgs),
+    /// Check the broker, hypervisors, pools, networks, base images and secrets a worker needs.
+    Check(ConfigArgs),
     /// Find what hatchery made that no job owns any more; remove it with --apply.
     Gc(gc::GcArgs),
     /// Check job files against the contract and print every problem with its JSON path.
@@ -55,9 +58,30 @@ pub enum Command {
     Events(events::EventsArgs),
 }
 
+/// Where the worker's configuration comes from: a TOML file, `HATCHERY__*` variables, then
+/// `--set` flags, each overriding the one before.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// The configuration file (TOML).
+    #[arg(long, env = "HATCHERY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides one key, e.g. `--set broker.url=amqps://mq.example.com` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> anyhow::Result<crate::config::Config> {
+        let config =
+            crate::config::Config::load(self.config.as_deref(), std::env::vars(), &self.sets)?;
+        Ok(config)
+    }
+}
+
 /// Logs go to stderr; `RUST_LOG` refines the level (`info` by default).
 pub fn init_logging(cli: &Cli) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -75,6 +99,7 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::main(args),
         Command::Gc(args) => gc::main(args),
+        Command::Check(args) => check::main(args),
         Command::Validate { files } => Ok(validate::main(&files)),
         Command::Worker(args) => worker::main(args),
         Command::Submit(args) => submit::main(args),
