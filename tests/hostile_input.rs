@@ -742,6 +742,9 @@ fn hypervisor_uris_are_limited_to_libvirt_schemes_without_parameters() {
         "qemu+ssh://kvm-1/system?keyfile=/root/.ssh/id_rsa",
         "qemu+unix:///system?socket=/tmp/evil.sock",
         "qemu+ssh://kvm-1/system?netcat=evil",
+        // A password there would be in every log line and event naming the hypervisor.
+        "qemu+ssh://root:hunter2@kvm-1/system",
+        "qemu+tls://a:b@kvm-1:16514/system",
     ] {
         assert_refused_at(valid_volume(), "/hypervisor", json!(bad), &limits);
     }

@@ -290,5 +290,14 @@ impl Checker {
                 "URI must not carry parameters; name a configured hypervisor instead",
             );
         }
+        // `user:password@host` would put the password in every log line and event that
+        // names the hypervisor.
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority
+            .rsplit_once('@')
+            .is_some_and(|(user, _)| user.contains(':'))
+        {
+            self.fail(path, "URI must not carry a password");
+        }
     }
 }

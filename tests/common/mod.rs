@@ -2,8 +2,10 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod built_xml;
+pub mod capture;
 pub mod fleet;
 pub mod jobs;
+pub mod secret_user;
 pub mod sshd;
 pub mod testdriver;
 pub mod vmenv;
