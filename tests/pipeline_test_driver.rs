@@ -552,3 +552,60 @@ async fn the_reconciler_finds_only_what_no_job_owns() {
         "the base and the healthy VM's overlay: {volumes:?}"
     );
 }
+
+/// A job that finishes on the test's own sshd at 127.0.0.1 with a key the worker holds.
+fn finishing_on(host: &TestHost, name: &str, sshd: &common::sshd::Sshd, key_name: &str) -> Job {
+    let mut doc = jobs::provision(&host.uri, name);
+    let (ip, port) = (sshd.addr().ip().to_string(), sshd.addr().port());
+    doc["provision"]["address"] = json!({ "source": "static", "ip": ip, "port": port });
+    doc["provision"]["finish"] = json!({
+        "user": common::sshd::KEY_USER,
+        "key_name": key_name,
+        "script": "echo hello from $(id -un)",
+        "host_key": sshd.host_key_fingerprint(),
+    });
+    jobs::parse(&doc)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn named_keys_come_from_the_key_directory_or_the_environment() {
+    let host = TestHost::new();
+    let sshd = common::sshd::Sshd::start();
+    let key = common::sshd::generate_key("ed25519", "");
+    sshd.authorize(&key.public);
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("fleet"), &key.private).unwrap();
+    let settings = Settings {
+        key_dir: Some(keys.path().to_owned()),
+        ..Settings::default()
+    };
+    let p = Pipeline::new(settings, Publisher::new("test"));
+
+    let (outcome, events) = run(&p, finishing_on(&host, "from-dir", &sshd, "fleet")).await;
+    assert_eq!(
+        outcome,
+        Outcome::Succeeded,
+        "{}\n{}",
+        events.result(),
+        sshd.log()
+    );
+    let result = events.result();
+    assert_eq!(
+        result["finish"]["stdout_tail"],
+        format!("hello from {}\n", common::sshd::KEY_USER)
+    );
+    assert_eq!(result["host_key_fingerprint"], sshd.host_key_fingerprint());
+
+    // The same key, held in the environment under a name no file has.
+    let var = hatchery::stages::finish::key_env_var("env-only.key");
+    assert_eq!(var, "HATCHERY_KEY_ENV_ONLY_KEY");
+    // SAFETY: this variable name is used by this test alone, and nothing reads it concurrently
+    // before it is set.
+    unsafe { std::env::set_var(&var, &key.private) };
+    let (outcome, events) = run(&p, finishing_on(&host, "from-env", &sshd, "env-only.key")).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{}", events.result());
+
+    let (outcome, events) = run(&p, finishing_on(&host, "unknown-key", &sshd, "nope")).await;
+    assert_eq!(outcome, Outcome::Failed);
+    assert_eq!(events.result()["failure"]["class"], "refused");
+}

@@ -74,8 +74,8 @@ pub enum Refusal {
     MadeUpAddress { uri: String, ip: std::net::IpAddr },
     #[error("unknown hypervisor `{0}`: not a libvirt URI nor a configured name")]
     UnknownHypervisor(String),
-    #[error("key `{0}` is named but the worker has no key directory")]
-    NoKeyDirectory(String),
+    #[error("key `{0}` is neither in the worker's key directory nor in its environment")]
+    UnknownKey(String),
 }
 
 /// The kind of a failure, a small fixed set fit for metric labels and orchestrators' decisions.

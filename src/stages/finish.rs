@@ -98,19 +98,46 @@ fn credential(cx: &JobRun, spec: &FinishSpec) -> Result<SshAuth, StageError> {
             key: k.clone(),
             passphrase: None,
         },
-        Credential::KeyName(name) => {
-            let dir = (cx.settings.key_dir.as_ref())
-                .ok_or_else(|| Refusal::NoKeyDirectory(name.clone()))?;
-            // Validation keeps `name` to [A-Za-z0-9._-] without "..", so it stays in `dir`.
-            let text =
-                std::fs::read_to_string(dir.join(name)).map_err(|source| StageError::ReadKey {
-                    name: name.clone(),
-                    source,
-                })?;
-            SshAuth::PrivateKey {
-                key: Secret::new(text),
-                passphrase: None,
-            }
-        }
+        Credential::KeyName(name) => SshAuth::PrivateKey {
+            key: named_key(cx, name)?,
+            passphrase: None,
+        },
     })
+}
+
+/// The environment variable a named key may come from: `HATCHERY_KEY_` and the name in upper
+/// case with `.` and `-` as `_` (`fleet-ed25519` is `HATCHERY_KEY_FLEET_ED25519`).
+pub fn key_env_var(name: &str) -> String {
+    let tail: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("HATCHERY_KEY_{tail}")
+}
+
+/// A private key the worker holds: a file in its key directory, else an environment variable.
+fn named_key(cx: &JobRun, name: &str) -> Result<Secret, StageError> {
+    if let Some(dir) = &cx.settings.key_dir {
+        // Validation keeps `name` to [A-Za-z0-9._-] without "..", so it stays in `dir`.
+        match std::fs::read_to_string(dir.join(name)) {
+            Ok(text) => return Ok(Secret::new(text)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StageError::ReadKey {
+                    name: name.to_owned(),
+                    source: e,
+                });
+            }
+            Err(_) => {}
+        }
+    }
+    match std::env::var(key_env_var(name)) {
+        Ok(text) => Ok(Secret::new(text)),
+        Err(_) => Err(Refusal::UnknownKey(name.to_owned()).into()),
+    }
 }
