@@ -421,4 +421,3 @@ fn jobs_rejected_at_parse_never_echo_the_password() {
     }
     assert_nothing_leaked("logs", &logs());
 }
-

@@ -4,6 +4,7 @@
 pub mod built_xml;
 pub mod capture;
 pub mod fleet;
+pub mod hostile;
 pub mod jobs;
 pub mod secret_user;
 pub mod sshd;
