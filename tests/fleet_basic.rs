@@ -34,7 +34,11 @@ fn two_hundred_jobs_through_one_worker_each_end_in_one_final_event() {
     for id in &ids {
         let events = &finals[id];
         assert_eq!(events.len(), 1, "job {id}: {events:?}");
-        assert_eq!(events[0].kind(), Some(EventKind::JobSucceeded), "{events:?}");
+        assert_eq!(
+            events[0].kind(),
+            Some(EventKind::JobSucceeded),
+            "{events:?}"
+        );
     }
 }
 
@@ -114,17 +118,28 @@ fn a_job_delivered_twice_makes_one_domain_and_one_outcome() {
     let _worker = fleet.worker("w1", &[]);
     let finals = || fleet.finals().get(&id).map_or(0, Vec::len);
     assert!(wait_until(Duration::from_secs(30), || finals() >= 1));
-    assert!(wait_until(Duration::from_secs(10), || fleet.queue_len(&fleet.names.jobs_queue) == Some(0)));
+    assert!(wait_until(Duration::from_secs(10), || fleet
+        .queue_len(&fleet.names.jobs_queue)
+        == Some(0)));
 
     // A third copy after the outcome: the same final event again, not a second run.
     let before = finals();
     fleet.submit(&job);
     assert!(wait_until(Duration::from_secs(30), || finals() == before + 1));
     let events = &fleet.finals()[&id];
-    assert!(events.iter().all(|e| e.id == events[0].id), "one outcome: {events:?}");
+    assert!(
+        events.iter().all(|e| e.id == events[0].id),
+        "one outcome: {events:?}"
+    );
     assert_eq!(events[0].kind(), Some(EventKind::JobSucceeded));
-    assert_eq!(fleet.count(EventKind::JobStarted, &id), 1, "the job ran once");
-    assert!(wait_until(Duration::from_secs(10), || fleet.queue_len(&fleet.names.jobs_queue) == Some(0)));
+    assert_eq!(
+        fleet.count(EventKind::JobStarted, &id),
+        1,
+        "the job ran once"
+    );
+    assert!(wait_until(Duration::from_secs(10), || fleet
+        .queue_len(&fleet.names.jobs_queue)
+        == Some(0)));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! What happens to one delivery: rejected, settled with an outcome already known, parked
 //! while another worker runs the job, dropped as cancelled, or run.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::Acker;
@@ -111,7 +111,7 @@ impl Intake {
             outbox: self.outbox.clone(),
             exchange: self.link.names().events_exchange.clone(),
             batch_size,
-            last: Mutex::new(None),
+            run: Arc::clone(&run),
         };
         let pipeline = self.pipeline.run(job, attempt, run.cancel.clone(), &sink);
         tokio::pin!(pipeline);
@@ -129,7 +129,7 @@ impl Intake {
             }
         }
 
-        let last = sink.last.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let last = run.outcome();
         let Some(event) = last else {
             // The pipeline always ends with a final event; without one, let another try.
             error!(job_id = %id, "run ended without a final event; returning the job");
@@ -309,7 +309,7 @@ struct JobSink {
     outbox: Outbox,
     exchange: String,
     batch_size: Option<u32>,
-    last: Mutex<Option<Event>>,
+    run: Arc<Run>,
 }
 
 impl EventSink for JobSink {
@@ -323,10 +323,17 @@ impl EventSink for JobSink {
                 self.outbox.post(msg);
                 return;
             }
-            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(event);
-            if let Err(e) = self.outbox.confirmed(msg).await {
-                warn!(error = %e, "final event not confirmed");
-            }
+            // On a task of its own: should the run be dropped at the end of a stop's grace
+            // period, the outcome still gets confirmed and recorded, and the job is not
+            // handed back after it was published.
+            let (outbox, run) = (self.outbox.clone(), Arc::clone(&self.run));
+            let confirm = tokio::spawn(async move {
+                match outbox.confirmed(msg).await {
+                    Ok(()) => run.set_outcome(event),
+                    Err(e) => warn!(error = %e, "final event not confirmed"),
+                }
+            });
+            let _ = confirm.await;
         })
     }
 }

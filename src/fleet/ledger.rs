@@ -36,12 +36,23 @@ pub struct Run {
     deliveries: Mutex<Vec<Held>>,
     /// Raised when a delivery is attached, so the run re-reads its hand-over deadline.
     pub attached: Notify,
+    /// The final event, once the broker confirmed it: from then on the job is done, whatever
+    /// happens to its deliveries.
+    outcome: Mutex<Option<Event>>,
 }
 
 impl Run {
     pub fn attach(&self, held: Held) {
         lock(&self.deliveries).push(held);
         self.attached.notify_one();
+    }
+
+    pub fn set_outcome(&self, event: Event) {
+        *lock(&self.outcome) = Some(event);
+    }
+
+    pub fn outcome(&self) -> Option<Event> {
+        lock(&self.outcome).clone()
     }
 
     pub fn take_deliveries(&self) -> Vec<Held> {
@@ -124,6 +135,7 @@ impl Ledger {
             attempt,
             deliveries: Mutex::new(vec![held]),
             attached: Notify::new(),
+            outcome: Mutex::new(None),
         });
         state.entries.insert(id, Entry::Running(Arc::clone(&run)));
         Begin::New(run)

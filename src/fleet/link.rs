@@ -156,6 +156,11 @@ async fn watch_session(inner: &Inner, session: &Session) {
     loop {
         tokio::select! {
             event = events.next() => match event {
+                // A channel's error (a refused claim, a missing marker) leaves the
+                // connection up; only connection errors end the session.
+                Some(lapin::Event::Error(e)) if e.is_amqp_soft_error() => {
+                    debug!(error = %e, "channel error");
+                }
                 Some(lapin::Event::Error(e)) => {
                     warn!(error = %e, "broker connection failed");
                     return;

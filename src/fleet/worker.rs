@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::Channel;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -86,10 +89,18 @@ pub async fn run(link: Link, pipeline: Pipeline, config: WorkerConfig, stop: Can
         cancels,
         config: config.clone(),
     });
-    let tasks = TaskTracker::new();
-    consume(&link, &intake, &tasks, &config, &stop).await;
+    let tasks = Tasks {
+        tracker: TaskTracker::new(),
+        abort: CancellationToken::new(),
+    };
+    // The consumer's channel stays open through the drain: closing it would return the
+    // deliveries of the jobs still finishing.
+    let channel = consume(&link, &intake, &tasks, &config, &stop).await;
 
     drain(&intake, &tasks, config.grace).await;
+    if let Some(ch) = channel {
+        let _ = ch.close(200, "worker stopping".into()).await;
+    }
     if !outbox.flush(Duration::from_secs(10)).await {
         warn!("some events were not confirmed before exit");
     }
@@ -100,15 +111,15 @@ pub async fn run(link: Link, pipeline: Pipeline, config: WorkerConfig, stop: Can
 async fn consume(
     link: &Link,
     intake: &Arc<Intake>,
-    tasks: &TaskTracker,
+    tasks: &Tasks,
     config: &WorkerConfig,
     stop: &CancellationToken,
-) {
+) -> Option<Channel> {
     let mut last_generation = 0;
     loop {
         let session = tokio::select! {
-            s = link.session() => match s { Some(s) => s, None => return },
-            () = stop.cancelled() => return,
+            s = link.session() => s?,
+            () = stop.cancelled() => return None,
         };
         if session.generation != last_generation && last_generation != 0 {
             // Claims died with the old connection: take them again for the runs going on.
@@ -117,7 +128,7 @@ async fn consume(
         last_generation = session.generation;
 
         match consume_session(&session, intake, tasks, config, stop).await {
-            Ok(()) => return,
+            Ok(ch) => return Some(ch),
             Err(e) => {
                 warn!(error = %crate::pipeline::chain(&e), "job consumer interrupted; resuming");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -130,10 +141,10 @@ async fn consume(
 async fn consume_session(
     session: &Arc<Session>,
     intake: &Arc<Intake>,
-    tasks: &TaskTracker,
+    tasks: &Tasks,
     config: &WorkerConfig,
     stop: &CancellationToken,
-) -> Result<(), BrokerError> {
+) -> Result<Channel, BrokerError> {
     let queue = intake.link.names().jobs_queue.clone();
     let ch = session.channel().await?;
     let count = config.concurrency;
@@ -160,7 +171,14 @@ async fn consume_session(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let intake = Arc::clone(intake);
-                    tasks.spawn(intake.handle(delivery, session.generation));
+                    let abort = tasks.abort.clone();
+                    let handle = intake.handle(delivery, session.generation);
+                    tasks.tracker.spawn(async move {
+                        tokio::select! {
+                            () = handle => {}
+                            () = abort.cancelled() => {}
+                        }
+                    });
                 }
                 Some(Err(source)) => return Err(BrokerError::Consume { queue, source }),
                 None => return Err(BrokerError::ConnectionLost),
@@ -171,10 +189,16 @@ async fn consume_session(
                 if let Err(e) = ch.basic_cancel(tag, BasicCancelOptions::default()).await {
                     warn!(error = %e, "cannot cancel the job consumer");
                 }
-                return Ok(());
+                return Ok(ch);
             }
         }
     }
+}
+
+/// The delivery tasks, and the switch that drops them all at once when the grace period ends.
+struct Tasks {
+    tracker: TaskTracker,
+    abort: CancellationToken,
 }
 
 /// Takes the claims of the runs in progress again on a new connection.
@@ -193,8 +217,8 @@ async fn reclaim(intake: &Intake) {
 }
 
 /// Lets the jobs in flight finish within `grace`, then hands the rest back to the queue.
-async fn drain(intake: &Intake, tasks: &TaskTracker, grace: Duration) {
-    tasks.close();
+async fn drain(intake: &Intake, tasks: &Tasks, grace: Duration) {
+    tasks.tracker.close();
     let running = intake.ledger.running().len();
     if running > 0 {
         info!(
@@ -203,26 +227,42 @@ async fn drain(intake: &Intake, tasks: &TaskTracker, grace: Duration) {
             "stopping: letting jobs finish"
         );
     }
-    if tokio::time::timeout(grace, tasks.wait()).await.is_ok() {
+    if tokio::time::timeout(grace, tasks.tracker.wait())
+        .await
+        .is_ok()
+    {
         return;
     }
+    // Stop the runs where they are, without rollback: the job goes on elsewhere, and a run
+    // finishing after its job was handed back would publish a second outcome.
+    tasks.abort.cancel();
+    tasks.tracker.wait().await;
+    // Outcomes already published are worth their confirms: those jobs are done.
+    intake.outbox.flush(Duration::from_secs(5)).await;
     let left = intake.ledger.running();
     warn!(
         returned = left.len(),
         "grace period over; handing unfinished jobs back"
     );
     for (id, run) in left {
-        // The runs are not cancelled: cancelling rolls back, and the job is to go on elsewhere.
+        // A run whose outcome the broker has is done: its deliveries are settled, not returned.
+        let done = run.outcome().is_some();
         for held in run.take_deliveries() {
-            // Back to the queue: the next worker resumes from what libvirt shows.
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
+            let result = if done {
+                held.acker.ack(BasicAckOptions::default()).await
+            } else {
+                // Back to the queue: the next worker resumes from what libvirt shows.
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                held.acker.nack(requeue).await
             };
-            match held.acker.nack(requeue).await {
+            match result {
+                Ok(true) if done => info!(job_id = %id, "finished job acknowledged"),
                 Ok(true) => info!(job_id = %id, "job handed back"),
                 Ok(false) => info!(job_id = %id, "job's channel closed; the broker requeued it"),
-                Err(e) => warn!(job_id = %id, error = %e, "cannot hand job back; the broker will"),
+                Err(e) => warn!(job_id = %id, error = %e, "cannot settle job; the broker will"),
             }
         }
     }

@@ -106,7 +106,9 @@ impl Fleet {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hatchery"));
         cmd.args(args).args(["--prefix", &self.prefix]);
         let filter = std::env::var("HATCHERY_TEST_LOG").unwrap_or_else(|_| "info,lapin=off".into());
-        cmd.env("HATCHERY_AMQP_URL", URL).env("RUST_LOG", filter).env("NO_COLOR", "1");
+        cmd.env("HATCHERY_AMQP_URL", URL)
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1");
         cmd
     }
 
