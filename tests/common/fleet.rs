@@ -396,3 +396,15 @@ fn fake_host(dir: &std::path::Path) -> String {
     std::fs::write(&path, node).unwrap();
     format!("test://{}", path.display())
 }
+
+/// A job that waits for an SSH server on a closed loopback port until `finish_secs`, then fails;
+/// long enough to cancel it, or to outlive an ack timeout.
+pub fn waiting_job(fleet: &Fleet, name: &str, finish_secs: u64) -> serde_json::Value {
+    let mut job = fleet.job(name);
+    let p = &mut job["provision"];
+    // Port 1 on loopback: nothing listens, nothing outside the machine is reached.
+    p["address"] = serde_json::json!({ "source": "static", "ip": "127.0.0.1", "port": 1 });
+    p["finish"] = serde_json::json!({ "user": "root", "password": "not-a-secret", "script": "true" });
+    p["timeouts"] = serde_json::json!({ "finish_secs": finish_secs });
+    job
+}
