@@ -8,45 +8,17 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hatchery::guest::{
-    self, FinishOutcome, FinishScript, SshAuth, SshError, SshTarget, run_finish,
-};
-use hatchery::secret::Secret;
+use hatchery::guest::{self, FinishOutcome, FinishScript, SshError, SshTarget, run_finish};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use common::sshd::{self, BUSYBOX_USER, KEY_USER, Mode, PASSWORD, PASSWORD_USER, Sshd};
+use common::sshd::{self, BUSYBOX_USER, GuestJob as Job, KEY_USER, Mode, PASSWORD};
+use common::sshd::{PASSWORD_USER, Sshd, is_dead};
 use common::wait_until;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn password_target(sshd: &Sshd, password: &str) -> SshTarget {
-    SshTarget {
-        addr: sshd.addr(),
-        user: PASSWORD_USER.to_owned(),
-        auth: SshAuth::Password(Secret::new(password)),
-        pinned_host_key: None,
-    }
-}
-
-/// A target logging in as `user` with a freshly generated key that `sshd` accepts.
-fn key_target(sshd: &Sshd, user: &str, kind: &str, passphrase: &str) -> SshTarget {
-    let key = sshd::generate_key(kind, passphrase);
-    sshd.authorize(&key.public);
-    SshTarget {
-        addr: sshd.addr(),
-        user: user.to_owned(),
-        auth: SshAuth::PrivateKey {
-            key: Secret::new(key.private),
-            passphrase: (!passphrase.is_empty()).then(|| Secret::new(passphrase)),
-        },
-        pinned_host_key: None,
-    }
-}
 
 fn script<'a>(job: &Job, body: &'a str) -> FinishScript<'a> {
     FinishScript {
@@ -62,53 +34,6 @@ fn run(target: &SshTarget, script: &FinishScript) -> Result<FinishOutcome, SshEr
     run_finish(target, script, &CancellationToken::new())
 }
 
-/// A job id, and a scratch directory any test user may write to; removes what the job left
-/// under /var/tmp when dropped.
-struct Job {
-    id: Uuid,
-    scratch: tempfile::TempDir,
-}
-
-impl Job {
-    fn new() -> Self {
-        let scratch = tempfile::tempdir().unwrap();
-        fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
-        Self {
-            id: Uuid::new_v4(),
-            scratch,
-        }
-    }
-
-    fn dir(&self) -> PathBuf {
-        PathBuf::from(format!("/var/tmp/hatchery-{}", self.id))
-    }
-
-    fn tombstone(&self) -> PathBuf {
-        PathBuf::from(format!("/var/tmp/hatchery-{}.exit", self.id))
-    }
-
-    fn scratch(&self, name: &str) -> PathBuf {
-        self.scratch.path().join(name)
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(self.dir());
-        let _ = fs::remove_file(self.tombstone());
-    }
-}
-
-/// Whether process `pid` is gone or a zombie that nobody reaped.
-fn is_dead(pid: &str) -> bool {
-    match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
 fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
@@ -119,7 +44,7 @@ fn password_login_runs_script_and_removes_its_directory() {
     let job = Job::new();
     let body = "echo out; echo err >&2; id -un; echo \"job $HATCHERY_JOB_ID\"";
 
-    let outcome = run(&password_target(&sshd, PASSWORD), &script(&job, body)).unwrap();
+    let outcome = run(&sshd.password_target(PASSWORD), &script(&job, body)).unwrap();
 
     assert_eq!(outcome.exit_code, 0);
     let expected = format!("out\n{PASSWORD_USER}\njob {}\n", job.id);
@@ -136,7 +61,7 @@ fn password_login_runs_script_and_removes_its_directory() {
 fn ed25519_key_login_runs_script_as_root() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
 
     let outcome = run(&target, &script(&job, "id -u")).unwrap();
 
@@ -150,7 +75,7 @@ fn ed25519_key_login_runs_script_as_root() {
 fn rsa_key_login_runs_script() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "rsa", "");
+    let target = sshd.key_target("root", "rsa", "");
 
     let outcome = run(&target, &script(&job, "echo rsa")).unwrap();
 
@@ -164,7 +89,7 @@ fn rsa_key_login_runs_script() {
 fn passphrase_protected_key_logs_in() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "open sesame");
+    let target = sshd.key_target("root", "ed25519", "open sesame");
 
     let outcome = run(&target, &script(&job, "echo unlocked")).unwrap();
 
@@ -177,7 +102,7 @@ fn wrong_password_is_rejected_without_showing_it() {
     let job = Job::new();
     let wrong = "not-the-password-4711";
 
-    let error = run(&password_target(&sshd, wrong), &script(&job, "true")).unwrap_err();
+    let error = run(&sshd.password_target(wrong), &script(&job, "true")).unwrap_err();
 
     assert!(matches!(error, SshError::Authenticate { .. }), "{error:?}");
     assert!(!error.is_transient());
@@ -196,7 +121,7 @@ fn keyboard_interactive_only_server_accepts_the_password() {
     let sshd = Sshd::start_with(Mode::KeyboardInteractive);
     let job = Job::new();
 
-    let outcome = run(&password_target(&sshd, PASSWORD), &script(&job, "echo kbd"));
+    let outcome = run(&sshd.password_target(PASSWORD), &script(&job, "echo kbd"));
 
     let outcome = outcome.unwrap_or_else(|error| panic!("{error:?}\n{}", sshd.log()));
     assert_eq!(outcome.stdout_tail, "kbd\n");
@@ -213,7 +138,7 @@ fn password_for_a_key_only_server_is_refused_up_front() {
     let sshd = Sshd::start_with(Mode::KeyOnly);
     let job = Job::new();
 
-    let error = run(&password_target(&sshd, PASSWORD), &script(&job, "true")).unwrap_err();
+    let error = run(&sshd.password_target(PASSWORD), &script(&job, "true")).unwrap_err();
 
     match &error {
         SshError::NoUsableAuthMethod { offered, .. } => assert_eq!(offered, "publickey"),
@@ -226,7 +151,7 @@ fn password_for_a_key_only_server_is_refused_up_front() {
 fn matching_pinned_host_key_is_accepted() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let mut target = key_target(&sshd, "root", "ed25519", "");
+    let mut target = sshd.key_target("root", "ed25519", "");
     target.pinned_host_key = Some(sshd.host_key_fingerprint().to_owned());
 
     let outcome = run(&target, &script(&job, "true")).unwrap();
@@ -238,7 +163,7 @@ fn matching_pinned_host_key_is_accepted() {
 fn wrong_pinned_host_key_stops_before_anything_runs() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let mut target = key_target(&sshd, "root", "ed25519", "");
+    let mut target = sshd.key_target("root", "ed25519", "");
     let other = sshd::fingerprint_of_new_key();
     target.pinned_host_key = Some(other.clone());
     let marker = job.scratch("ran");
@@ -270,7 +195,7 @@ fn wrong_pinned_host_key_stops_before_anything_runs() {
 fn non_zero_exit_is_an_outcome_with_output() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
 
     let body = "echo partial; echo 'puppet failed' >&2; exit 3";
     let outcome = run(&target, &script(&job, body)).unwrap();
@@ -285,7 +210,7 @@ fn non_zero_exit_is_an_outcome_with_output() {
 fn shebang_line_picks_the_interpreter() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
 
     let body = "#!/bin/sh -eu\necho \"$0\"\nfalse\necho unreachable\n";
     let outcome = run(&target, &script(&job, body)).unwrap();
@@ -302,7 +227,7 @@ fn shebang_line_picks_the_interpreter() {
 fn long_output_keeps_only_the_tail() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     let mut finish = script(&job, "seq 1 100000; echo last line; echo short >&2");
     finish.tail_bytes = 1000;
 
@@ -319,7 +244,7 @@ fn long_output_keeps_only_the_tail() {
 fn timeout_kills_the_script_and_its_children() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     let pid_file = job.scratch("sleep.pid");
     let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
     let mut finish = script(&job, &body);
@@ -345,7 +270,7 @@ fn timeout_kills_the_script_and_its_children() {
 fn cancellation_kills_a_running_script() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     let pid_file = job.scratch("sleep.pid");
     let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
     let finish = script(&job, &body);
@@ -375,7 +300,7 @@ fn cancellation_kills_a_running_script() {
 fn interrupted_run_is_resumed_and_the_script_runs_once() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     let counter = job.scratch("runs");
     let body = format!(
         "echo run >> {}\nsleep 1\necho done\nexit 7\n",
@@ -405,7 +330,7 @@ fn interrupted_run_is_resumed_and_the_script_runs_once() {
 fn interrupted_upload_is_started_afresh() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     // What an upload cut short leaves: the directory and part of the script.
     fs::create_dir(job.dir()).unwrap();
     fs::write(job.dir().join("script.tmp"), "echo half").unwrap();
@@ -420,7 +345,7 @@ fn interrupted_upload_is_started_afresh() {
 fn script_that_died_without_status_is_reported_lost() {
     let sshd = Sshd::start();
     let job = Job::new();
-    let target = key_target(&sshd, "root", "ed25519", "");
+    let target = sshd.key_target("root", "ed25519", "");
     // What a guest reboot mid-run leaves: started, a pid that is gone, no exit file.
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     gone.wait().unwrap();
@@ -454,7 +379,7 @@ fn sudo_with_password_runs_as_root() {
     let mut finish = script(&job, &body);
     finish.sudo = true;
 
-    let outcome = run(&password_target(&sshd, PASSWORD), &finish).unwrap();
+    let outcome = run(&sshd.password_target(PASSWORD), &finish).unwrap();
 
     assert_eq!(outcome.exit_code, 0);
     assert_eq!(
@@ -470,7 +395,7 @@ fn sudo_with_key_runs_as_root_without_prompting() {
     let mut finish = script(&job, "id -u");
     finish.sudo = true;
 
-    let outcome = run(&key_target(&sshd, KEY_USER, "ed25519", ""), &finish).unwrap();
+    let outcome = run(&sshd.key_target(KEY_USER, "ed25519", ""), &finish).unwrap();
 
     assert_eq!(
         (outcome.exit_code, outcome.stdout_tail.as_str()),
@@ -479,10 +404,66 @@ fn sudo_with_key_runs_as_root_without_prompting() {
 }
 
 #[test]
+fn refused_sudo_runs_nothing_and_leaves_nothing_behind() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    // A key login whose sudo rule wants a password: `sudo -n` must refuse, not prompt.
+    let target = sshd.key_target(PASSWORD_USER, "ed25519", "");
+    let marker = job.scratch("ran");
+    let body = format!("touch {}", marker.display());
+    let mut finish = script(&job, &body);
+    finish.sudo = true;
+
+    let error = run(&target, &finish).unwrap_err();
+
+    match &error {
+        SshError::CommandFailed { step, stderr, .. } => {
+            assert_eq!(*step, guest::Step::Start);
+            assert!(stderr.contains("password"), "{stderr}");
+        }
+        other => panic!("expected the start to fail, got {other:?}"),
+    }
+    assert!(!error.is_transient());
+    assert!(!marker.exists(), "the script ran without sudo");
+    assert!(
+        !job.dir().exists(),
+        "the uploaded script was left on the guest"
+    );
+}
+
+#[test]
+fn concurrent_attempts_run_the_script_once() {
+    let sshd = Sshd::start();
+    let job = Job::new();
+    let target = sshd.key_target("root", "ed25519", "");
+    let counter = job.scratch("runs");
+    let body = format!(
+        "echo run >> {}\nsleep 1\necho done\nexit 6\n",
+        counter.display()
+    );
+    let finish = script(&job, &body);
+
+    // Two workers holding the same job, as after a redelivery to a second worker while the
+    // first still runs.
+    let outcomes = std::thread::scope(|scope| {
+        let attempts = [(); 2].map(|()| scope.spawn(|| run(&target, &finish)));
+        attempts.map(|attempt| attempt.join().unwrap().unwrap())
+    });
+
+    assert_eq!(read(&counter), "run\n");
+    assert!(
+        outcomes.iter().all(|outcome| outcome.exit_code == 6),
+        "{outcomes:?}"
+    );
+    assert!(outcomes.iter().filter(|outcome| !outcome.resumed).count() <= 1);
+    assert!(!job.dir().exists());
+}
+
+#[test]
 fn busybox_guest_runs_resumes_and_collects() {
     let sshd = Sshd::start_with(Mode::Busybox);
     let job = Job::new();
-    let target = key_target(&sshd, BUSYBOX_USER, "ed25519", "");
+    let target = sshd.key_target(BUSYBOX_USER, "ed25519", "");
     let counter = job.scratch("runs");
     let body = format!(
         "echo run >> {}\nsleep 1\nreadlink /proc/$$/exe\nexit 4\n",
@@ -507,7 +488,7 @@ fn busybox_guest_runs_resumes_and_collects() {
 fn busybox_guest_timeout_kills_the_script_and_its_children() {
     let sshd = Sshd::start_with(Mode::Busybox);
     let job = Job::new();
-    let target = key_target(&sshd, BUSYBOX_USER, "ed25519", "");
+    let target = sshd.key_target(BUSYBOX_USER, "ed25519", "");
     let pid_file = job.scratch("sleep.pid");
     let body = format!("sleep 600 &\necho $! > {}\nwait\n", pid_file.display());
     let mut finish = script(&job, &body);

@@ -90,13 +90,16 @@ impl JobDir {
         &self.dir
     }
 
-    /// Prints `<uid> <state> [<exit code>]`. The order of the tests matters: liveness before the
-    /// exit file, so a script that ends between the two checks reads as running, never as lost.
+    /// Prints `<uid> <state> [<exit code>]`. The order of the tests matters. The tombstone
+    /// first: once it exists the job is settled, whatever directory a racing upload left.
+    /// Liveness before the exit file, so a script that ends between the two checks reads as
+    /// running, never as lost.
     pub fn probe(&self) -> String {
         let Self { dir, marker, .. } = self;
         format!(
             "d={dir}; u=$(id -u); \
-             if [ -d \"$d\" ]; then \
+             if [ -f \"$d.exit\" ]; then echo \"$u collected $(cat \"$d.exit\")\"; \
+             elif [ -d \"$d\" ]; then \
                p=$(cat \"$d/pid\" 2>/dev/null); \
                if [ -n \"$p\" ] && {{ tr '\\000' '\\n' <\"/proc/$p/cmdline\"; }} 2>/dev/null \
                     | grep -qxF {marker}; then echo \"$u running\"; \
@@ -104,24 +107,27 @@ impl JobDir {
                elif [ -n \"$p\" ]; then echo \"$u lost\"; \
                elif [ -d \"$d/started\" ]; then echo \"$u starting\"; \
                else echo \"$u unstarted\"; fi; \
-             elif [ -f \"$d.exit\" ]; then echo \"$u collected $(cat \"$d.exit\")\"; \
              else echo \"$u absent\"; fi"
         )
     }
 
-    /// Creates the directory if needed and stores stdin as the script. The size check makes an
-    /// upload cut short by a dropped connection fail instead of leaving half a script behind.
+    /// Creates the directory if needed and stores stdin as the script; does nothing once the
+    /// job is settled. The size check makes an upload cut short by a dropped connection fail
+    /// instead of leaving half a script; the temporary name is per upload, so two racing
+    /// attempts never write into the same file.
     pub fn upload(&self, len: usize) -> String {
         let dir = &self.dir;
         format!(
-            "d={dir}; {{ [ -d \"$d\" ] || mkdir -m 700 \"$d\"; }} && \
-             cat >\"$d/script.tmp\" && \
-             [ \"$(wc -c <\"$d/script.tmp\")\" -eq {len} ] && \
-             mv -f \"$d/script.tmp\" \"$d/script\""
+            "d={dir}; [ -e \"$d.exit\" ] && exit 0; \
+             [ -d \"$d\" ] || mkdir -m 700 \"$d\" || exit 1; \
+             t=\"$d/script.tmp.$$\"; \
+             if cat >\"$t\" && [ \"$(wc -c <\"$t\")\" -eq {len} ]; then mv -f \"$t\" \"$d/script\"; \
+             else rm -f \"$t\"; exit 1; fi"
         )
     }
 
-    /// Starts the script detached unless some attempt already did.
+    /// Starts the script detached unless some attempt already did (or the job is settled).
+    /// Prints `started`, `claimed` (another attempt started it) or `settled` (collected).
     ///
     /// `mkdir started` is the atomic claim: of two concurrent attempts only one starts the
     /// script. `setsid` (when present) gives the script its own process group, so a timeout
@@ -148,10 +154,12 @@ impl JobDir {
              echo $? >\"$d/exit.tmp\" && mv -f \"$d/exit.tmp\" \"$d/exit\""
         );
         format!(
-            "d={dir}; [ -f \"$d/script\" ] || exit 3; \
-             mkdir \"$d/started\" 2>/dev/null || exit 0; \
+            "d={dir}; if [ -e \"$d.exit\" ]; then echo settled; exit 0; fi; \
+             [ -f \"$d/script\" ] || exit 3; \
+             if ! mkdir \"$d/started\" 2>/dev/null; then echo claimed; exit 0; fi; \
              s=; if command -v setsid >/dev/null 2>&1; then s=setsid; fi; \
-             $s sh -c {wrapper} {marker} </dev/null >/dev/null 2>&1 &",
+             $s sh -c {wrapper} {marker} </dev/null >/dev/null 2>&1 & \
+             echo started",
             wrapper = quote(&wrapper),
         )
     }
@@ -196,6 +204,12 @@ impl JobDir {
     pub fn discard(&self) -> String {
         format!("rm -rf {}", self.dir)
     }
+
+    /// Removes the directory unless its script was started (by a racing attempt, say).
+    pub fn discard_unstarted(&self) -> String {
+        let dir = &self.dir;
+        format!("d={dir}; [ -d \"$d/started\" ] || rm -rf \"$d\"")
+    }
 }
 
 /// Parses the probe's single line: `<uid> <state> [<exit code>]`.
@@ -213,6 +227,15 @@ pub(crate) fn parse_probe(output: &str) -> Option<Probe> {
         _ => return None,
     };
     words.next().is_none().then_some(Probe { uid, state })
+}
+
+/// Parses the answer of [`JobDir::start`]: whether this command started the script.
+pub(crate) fn parse_start(output: &str) -> Option<bool> {
+    match output.trim() {
+        "started" => Some(true),
+        "claimed" | "settled" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses the two sizes printed by [`JobDir::sizes`].
@@ -266,6 +289,14 @@ mod tests {
             let expected = expected.map(|(uid, state)| Probe { uid, state });
             assert_eq!(parse_probe(line), expected, "line {line:?}");
         }
+    }
+
+    #[test]
+    fn start_answers_say_who_started_the_script() {
+        assert_eq!(parse_start("started\n"), Some(true));
+        assert_eq!(parse_start("claimed\n"), Some(false));
+        assert_eq!(parse_start("settled\n"), Some(false));
+        assert_eq!(parse_start("[sudo] password:\nstarted\n"), None);
     }
 
     #[test]

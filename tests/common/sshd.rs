@@ -1,4 +1,5 @@
-//! A real OpenSSH server on 127.0.0.1 for tests, with its own host key, config and users.
+//! A real OpenSSH server on 127.0.0.1 standing in for a guest, with its own host key, config
+//! and users; and helpers to log in to it and to inspect what a job leaves on it.
 //!
 //! Needs root (to run `sshd` and create users) and the `openssh-server`, `openssh-client`
 //! (`ssh-keygen`), `passwd` (`useradd`, `chpasswd`), `sudo` and `busybox` packages. Creates,
@@ -20,7 +21,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use hatchery::guest::{SshAuth, SshTarget};
+use hatchery::secret::Secret;
 use tempfile::TempDir;
+use uuid::Uuid;
 
 /// A non-root user that logs in with [`PASSWORD`] and may sudo after giving it.
 pub const PASSWORD_USER: &str = "hatchery-pw";
@@ -131,6 +135,32 @@ impl Sshd {
         fs::write(path, keys).unwrap();
     }
 
+    /// A target logging in as [`PASSWORD_USER`] with `password`.
+    pub fn password_target(&self, password: &str) -> SshTarget {
+        SshTarget {
+            addr: self.addr,
+            user: PASSWORD_USER.to_owned(),
+            auth: SshAuth::Password(Secret::new(password)),
+            pinned_host_key: None,
+        }
+    }
+
+    /// A target logging in as `user` with a fresh key (see [`generate_key`]) this server
+    /// accepts.
+    pub fn key_target(&self, user: &str, kind: &str, passphrase: &str) -> SshTarget {
+        let key = generate_key(kind, passphrase);
+        self.authorize(&key.public);
+        SshTarget {
+            addr: self.addr,
+            user: user.to_owned(),
+            auth: SshAuth::PrivateKey {
+                key: Secret::new(key.private),
+                passphrase: (!passphrase.is_empty()).then(|| Secret::new(passphrase)),
+            },
+            pinned_host_key: None,
+        }
+    }
+
     /// What sshd logged so far; for failure messages.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
@@ -141,6 +171,56 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A job id as the loopback guest sees it: its directory and tombstone under /var/tmp, which
+/// are removed on drop, and a scratch directory any test user may write to.
+pub struct GuestJob {
+    pub id: Uuid,
+    scratch: TempDir,
+}
+
+impl GuestJob {
+    pub fn new() -> Self {
+        let scratch = tempfile::tempdir().unwrap();
+        fs::set_permissions(scratch.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        Self {
+            id: Uuid::new_v4(),
+            scratch,
+        }
+    }
+
+    /// The job's directory on the guest.
+    pub fn dir(&self) -> PathBuf {
+        PathBuf::from(format!("/var/tmp/hatchery-{}", self.id))
+    }
+
+    /// What stays on the guest after collection: the exit status.
+    pub fn tombstone(&self) -> PathBuf {
+        PathBuf::from(format!("/var/tmp/hatchery-{}.exit", self.id))
+    }
+
+    /// A path in the scratch directory, outside the job's directory.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+}
+
+impl Drop for GuestJob {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(self.dir());
+        let _ = fs::remove_file(self.tombstone());
+    }
+}
+
+/// Whether process `pid` is gone, or a zombie that nobody reaped (PID 1 in a container may not).
+pub fn is_dead(pid: &str) -> bool {
+    match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
 
