@@ -195,9 +195,12 @@ impl JobDir {
 
     /// Leaves the tombstone with the exit status, then removes the directory with the script and
     /// its output, which may hold secrets. Tombstone first: a crash in between must not lose it.
+    /// A tombstone that is there already comes from a concurrent attempt and is kept.
     pub fn retire(&self) -> String {
         let dir = &self.dir;
-        format!("d={dir}; mv -f \"$d/exit\" \"$d.exit\" && rm -rf \"$d\"")
+        format!(
+            "d={dir}; {{ [ -f \"$d.exit\" ] || mv -f \"$d/exit\" \"$d.exit\"; }} && rm -rf \"$d\""
+        )
     }
 
     /// Removes the directory without a tombstone, after a run that produced no status.
@@ -212,9 +215,19 @@ impl JobDir {
     }
 }
 
-/// Parses the probe's single line: `<uid> <state> [<exit code>]`.
+/// The line a helper command printed last. Shells whose start-up files print something even
+/// for non-interactive sessions put that in front of it.
+fn last_line(output: &str) -> &str {
+    output
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("")
+}
+
+/// Parses the probe's line: `<uid> <state> [<exit code>]`.
 pub(crate) fn parse_probe(output: &str) -> Option<Probe> {
-    let mut words = output.split_whitespace();
+    let mut words = last_line(output).split_whitespace();
     let uid = words.next()?.parse().ok()?;
     let state = match (words.next()?, words.next()) {
         ("absent", None) => JobState::Absent,
@@ -231,7 +244,7 @@ pub(crate) fn parse_probe(output: &str) -> Option<Probe> {
 
 /// Parses the answer of [`JobDir::start`]: whether this command started the script.
 pub(crate) fn parse_start(output: &str) -> Option<bool> {
-    match output.trim() {
+    match last_line(output).trim() {
         "started" => Some(true),
         "claimed" | "settled" => Some(false),
         _ => None,
@@ -240,7 +253,7 @@ pub(crate) fn parse_start(output: &str) -> Option<bool> {
 
 /// Parses the two sizes printed by [`JobDir::sizes`].
 pub(crate) fn parse_sizes(output: &str) -> Option<(u64, u64)> {
-    let mut words = output.split_whitespace();
+    let mut words = last_line(output).split_whitespace();
     let sizes = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
     words.next().is_none().then_some(sizes)
 }
@@ -283,6 +296,10 @@ mod tests {
             ("0 running 1", None),
             ("root running", None),
             ("0 exploded", None),
+            (
+                "motd from .bashrc\n0 running\n\n",
+                Some((0, JobState::Running)),
+            ),
             ("", None),
         ];
         for (line, expected) in cases {
@@ -296,7 +313,8 @@ mod tests {
         assert_eq!(parse_start("started\n"), Some(true));
         assert_eq!(parse_start("claimed\n"), Some(false));
         assert_eq!(parse_start("settled\n"), Some(false));
-        assert_eq!(parse_start("[sudo] password:\nstarted\n"), None);
+        assert_eq!(parse_start("welcome\nstarted\n"), Some(true));
+        assert_eq!(parse_start("started later\n"), None);
     }
 
     #[test]

@@ -151,6 +151,13 @@ impl GuestSession {
     }
 }
 
+/// Says goodbye instead of just closing the socket, so sshd logs a clean disconnect.
+impl Drop for GuestSession {
+    fn drop(&mut self) {
+        let _ = self.session.disconnect(None, "hatchery is done", None);
+    }
+}
+
 /// Password (or keyboard-interactive with the password) or private-key authentication.
 fn authenticate(session: &Session, user: &str, auth: &SshAuth) -> Result<(), SshError> {
     let failed = |source| SshError::Authenticate {
