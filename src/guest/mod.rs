@@ -19,6 +19,9 @@
 //! left behind instead of starting a second one. After collection the directory is removed and
 //! only `/var/tmp/hatchery-<job_id>.exit`, holding the exit code, stays behind: if the worker dies
 //! before the caller records the result, the redelivered job still does not run the script again.
+//! Creating `started/` in the directory is the claim to start the script, so two attempts
+//! running at once (a redelivery while the first worker still lives) start it once, and the
+//! one that loses the race reads the other's result.
 //!
 //! Only POSIX `sh` and busybox-level tools are assumed on the guest (`mkdir`, `cat`, `tail -c`,
 //! `wc -c`, `tr`, `grep`, `kill`; `setsid` when present), so minimal dropbear+busybox images work.
