@@ -11,7 +11,6 @@ use tracing::info;
 use crate::events::Publisher;
 use crate::fleet::worker::{self, WorkerConfig};
 use crate::fleet::{DEFAULT_AMQP_URL, Link, Names};
-use crate::job::Limits;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 
@@ -62,6 +61,9 @@ impl BrokerArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Hypervisors, secrets, timeouts, retries, limits, metrics: see `hatchery.example.toml`.
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
     /// Jobs run at once (the prefetch count).
     #[arg(long, env = "HATCHERY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
@@ -77,10 +79,10 @@ pub struct WorkerArgs {
     /// This worker's name in events and logs; `<hostname>-<pid>` by default.
     #[arg(long, env = "HATCHERY_WORKER_NAME")]
     pub name: Option<String>,
-    /// Where consoles listen unless the job says otherwise.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub console_listen: std::net::IpAddr,
-    /// Directory of private keys that jobs may name with `key_name`.
+    /// Where consoles listen unless the job says otherwise (`worker.console_listen`).
+    #[arg(long)]
+    pub console_listen: Option<std::net::IpAddr>,
+    /// Directory of private keys that jobs may name with `key_name` (`secrets.key_dir`).
     #[arg(long)]
     pub key_dir: Option<PathBuf>,
 }
@@ -89,24 +91,30 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let name = args
         .name
         .unwrap_or_else(|| format!("{}-{}", super::run::hostname(), std::process::id()));
+    let file = args.config.load()?;
     let config = WorkerConfig {
         concurrency: args.concurrency,
         grace: args.grace,
         ack_timeout: args.ack_timeout,
         park_delay: args.park_delay,
-        limits: Limits::default(),
+        limits: file.settings().limits,
         name: name.clone(),
     };
     anyhow::ensure!(
         !config.ack_timeout.is_zero(),
         "--ack-timeout must be above zero"
     );
-    let settings = Settings {
-        console_listen: args.console_listen,
-        key_dir: args.key_dir,
-        ..Settings::default()
-    };
-    let pipeline = Pipeline::new(settings, Publisher::new(&name));
+    // The file, environment and --set give the settings; the dedicated flags win over them.
+    let mut settings: Settings = file.settings();
+    if let Some(listen) = args.console_listen {
+        settings.console_listen = listen;
+    }
+    if let Some(dir) = args.key_dir {
+        settings.key_dir = Some(dir);
+    }
+    let mut publisher = Publisher::new(&name);
+    publisher.prefix.clone_from(&file.events.prefix);
+    let pipeline = Pipeline::new(settings, publisher);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
 
     runtime.block_on(async move {
