@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private libvirt world for hatchery's real-VM tests, inside a network namespace.
 #
-# Usage: env.sh up | down | status | exec CMD... | env
+# Usage: env.sh up | down | status | exec CMD... | env | restart-libvirtd
 #
 #   up      clean up whatever an earlier run left, build (or reuse) the guest image, then start
 #           libvirtd in the namespace with a DHCP network, a network without DHCP, a storage
@@ -12,6 +12,9 @@
 #   status  show what is running; exit 1 when the environment is not up
 #   exec    run a command inside the namespace (where the guests are reachable)
 #   env     print the env file
+#   restart-libvirtd
+#           stop the namespace's libvirtd and start it again on the same state: guests, networks
+#           and their dnsmasq keep running, and the new daemon takes them over (fault tests)
 #
 # Settings (environment): HATCHERY_E2E_STATE (default /tmp/hatchery-e2e; keep it short, unix
 # socket paths are limited to 108 bytes), HATCHERY_E2E_CACHE (default target/vm-cache in the
@@ -111,6 +114,10 @@ EOF
 start_libvirtd() {
   ip netns add "$NS"
   ip -n "$NS" link set lo up
+  start_libvirtd_daemon
+}
+
+start_libvirtd_daemon() {
   ip netns exec "$NS" unshare -m --propagation private /bin/sh -ec "
     mount -t tmpfs tmpfs /run
     mkdir /run/libvirt
@@ -248,6 +255,24 @@ cmd_down() {
   log "down: namespace $NS and $STATE removed"
 }
 
+# The daemon's state lives in STATE (run, lib), so a new daemon finds the running guests and
+# networks there. Only libvirtd goes: qemu and dnsmasq are its children no longer once started.
+cmd_restart_libvirtd() {
+  preflight
+  take_lock
+  ns_exists || die "namespace $NS is not up"
+  local pid _
+  pid=$(cat "$STATE/run/libvirtd.pid") || die "no libvirtd pid file in $STATE/run"
+  kill "$pid"
+  for _ in $(seq 150); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+  start_libvirtd_daemon
+  log "libvirtd restarted in namespace $NS"
+}
+
 cmd_status() {
   local ok=0
   if ns_exists; then log "namespace $NS: present"; else log "namespace $NS: absent" && ok=1; fi
@@ -272,7 +297,8 @@ main() {
   status) cmd_status ;;
   exec) shift && exec ip netns exec "$NS" "$@" ;;
   env) cat "$STATE/env" ;;
-  *) sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2 && exit 2 ;;
+  restart-libvirtd) cmd_restart_libvirtd ;;
+  *) sed -n '2,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2 && exit 2 ;;
   esac
 }
 
