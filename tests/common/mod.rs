@@ -4,6 +4,7 @@
 pub mod built_xml;
 pub mod capture;
 pub mod fleet;
+pub mod fleet_vm;
 pub mod hostile;
 pub mod jobs;
 pub mod secret_user;
