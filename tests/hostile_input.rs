@@ -15,7 +15,7 @@ use common::hostile::{
     valid_volume,
 };
 use hatchery::hypervisor::xml::{KernelXml, NicXml};
-use hatchery::job::{self, Job, Limits, NicAttach, RejectedJob};
+use hatchery::job::{self, BatchRef, Job, Limits, NicAttach, RejectedJob};
 
 /// Parses `doc` from its bytes, as a worker reads a message.
 fn parse(doc: &Value) -> Result<Job, RejectedJob> {
@@ -28,10 +28,11 @@ fn check_edited(doc: &Value, edits: &[Edit]) {
         Ok(job) => assert_accepted_harmless(doc, &job),
         Err(RejectedJob::TooLarge { size, limit }) => assert!(size > limit),
         Err(RejectedJob::Invalid(problems)) => {
-            let blamed: Vec<String> = edits.iter().flat_map(Edit::blamed).collect();
+            let named = |path: &str| edits.iter().any(|e| e.blames(path));
+            let fields: Vec<&str> = edits.iter().map(Edit::field).collect();
             assert!(
-                problems.iter().any(|p| blamed.contains(&p.path)),
-                "no problem names {blamed:?}: {problems:?}"
+                problems.iter().any(|p| named(&p.path)),
+                "no problem names {fields:?}: {problems:?}"
             );
         }
         Err(other) => panic!("a serialised document is JSON: {other}"),
@@ -110,7 +111,7 @@ proptest! {
     /// and carry the strings as values.
     #[test]
     fn the_xml_builders_keep_any_string_a_value(
-        strings in prop::collection::vec(any::<String>(), 12),
+        strings in prop::collection::vec(any::<String>(), 14),
         hostile in prop::collection::vec(short_hostile_string(), 4),
         bridge in any::<bool>(),
     ) {
@@ -134,6 +135,8 @@ proptest! {
             cmdline: Some(pick(10)),
         });
         inputs.serial_log = Some(pick(11));
+        inputs.batch = Some(BatchRef { id: pick(12), size: 3 });
+        inputs.base_sha256 = Some(pick(13));
         built_xml::assert_harmless(&inputs);
     }
 }

@@ -326,14 +326,25 @@ impl Edit {
         }
     }
 
-    /// JSON paths a problem may name for this edit: the field, or the object holding it
-    /// (missing, unknown and one-of problems are reported there).
-    pub fn blamed(&self) -> Vec<String> {
-        match self {
-            Edit::Set(p, _) | Edit::Remove(p) => {
-                vec![p.clone(), p.rsplit_once('/').unwrap().0.to_owned()]
+    /// Whether a problem at JSON path `path` names this edit: the field itself or anything
+    /// inside the value put there, or the object holding the field (missing, unknown and
+    /// one-of problems are reported there).
+    pub fn blames(&self, path: &str) -> bool {
+        let (field, holder) = match self {
+            Edit::Set(p, _) | Edit::Remove(p) => (p.clone(), p.rsplit_once('/').unwrap().0),
+            // The key may happen to be one the contract has there, and then names a field.
+            Edit::Extra(p, k, _) => {
+                let k = k.replace('~', "~0").replace('/', "~1");
+                (format!("{p}/{k}"), p.as_str())
             }
-            Edit::Extra(p, _, _) => vec![p.clone()],
+        };
+        path == holder || path == field || path.starts_with(&format!("{field}/"))
+    }
+
+    /// Where this edit happened, for failure messages.
+    pub fn field(&self) -> &str {
+        match self {
+            Edit::Set(p, _) | Edit::Remove(p) | Edit::Extra(p, _, _) => p,
         }
     }
 }
