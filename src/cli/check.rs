@@ -10,7 +10,8 @@ use lapin::types::FieldTable;
 
 use super::ConfigArgs;
 use crate::config::Config;
-use crate::fleet::{Names, link};
+use crate::fleet::Names;
+use crate::fleet::link::Endpoint;
 use crate::hypervisor::{Hypervisor, Op};
 
 /// One line of the report.
@@ -71,7 +72,8 @@ async fn run(config: &Config) -> Vec<Row> {
 
 async fn broker(config: &Config) -> Vec<Row> {
     let url = crate::fleet::redact_url(&config.broker.url);
-    let conn = match link::connect(&config.broker.url, "hatchery check").await {
+    let endpoint = Endpoint::new(&config.broker.url, config.broker.tls_ca.clone());
+    let conn = match endpoint.connect("hatchery check").await {
         Ok(conn) => conn,
         Err(e) => {
             let detail = crate::pipeline::chain(&e);

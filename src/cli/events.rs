@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 
 use super::worker::BrokerArgs;
 use crate::events::{Event, EventData, EventKind};
-use crate::fleet::{link, topology};
+use crate::fleet::topology;
 
 #[derive(Debug, clap::Args)]
 pub struct EventsArgs {
@@ -47,7 +47,7 @@ pub fn main(args: EventsArgs) -> anyhow::Result<ExitCode> {
 
 async fn tail(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let names = args.broker.names();
-    let conn = link::connect(&args.broker.amqp_url, "hatchery events").await?;
+    let conn = args.broker.endpoint().connect("hatchery events").await?;
     let ch = conn
         .create_channel()
         .await

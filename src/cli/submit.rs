@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::worker::{BrokerArgs, parse_duration};
 use crate::events::{Event, EventData, EventKind};
-use crate::fleet::{Names, link, message, topology};
+use crate::fleet::{Names, message, topology};
 use crate::job::{self, Limits};
 
 #[derive(Debug, clap::Args)]
@@ -43,7 +43,10 @@ pub struct SubmitArgs {
 /// A short-lived command's connection: a channel in confirm mode, topology declared.
 pub async fn open(broker: &BrokerArgs, what: &str) -> anyhow::Result<(Connection, Channel, Names)> {
     let names = broker.names();
-    let conn = link::connect(&broker.amqp_url, &format!("hatchery {what}")).await?;
+    let conn = broker
+        .endpoint()
+        .connect(&format!("hatchery {what}"))
+        .await?;
     let ch = conn
         .create_channel()
         .await

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::events::Publisher;
+use crate::fleet::link::Endpoint;
 use crate::fleet::worker::{self, WorkerConfig};
 use crate::fleet::{DEFAULT_AMQP_URL, Link, Names};
 use crate::pipeline::Pipeline;
@@ -20,6 +21,10 @@ pub struct BrokerArgs {
     /// AMQP URL (`amqp://` or `amqps://`).
     #[arg(long, env = "HATCHERY_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
     pub amqp_url: String,
+    /// CA certificates (PEM) that vouch for an `amqps://` broker, besides the system's;
+    /// `broker.tls_ca` in the configuration.
+    #[arg(long, env = "HATCHERY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "HATCHERY_PREFIX", default_value = "hatchery")]
     pub prefix: String,
@@ -41,6 +46,11 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// The broker's address, trusting `--tls-ca` if given.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(&self.amqp_url, self.tls_ca.clone())
+    }
+
     pub fn names(&self) -> Names {
         let mut names = Names::new(&self.prefix);
         let set = |slot: &mut String, given: &Option<String>| {
@@ -112,6 +122,8 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = args.key_dir {
         settings.key_dir = Some(dir);
     }
+    let mut endpoint = args.broker.endpoint();
+    endpoint.tls_ca = endpoint.tls_ca.or(file.broker.tls_ca);
     let mut publisher = Publisher::new(&name);
     publisher.prefix.clone_from(&file.events.prefix);
     let pipeline = Pipeline::new(settings, publisher);
@@ -122,7 +134,7 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(stop_on_signal(stop.clone()));
         let names = args.broker.names();
         info!(worker = %name, url = %crate::fleet::redact_url(&args.broker.amqp_url), "worker starting");
-        let link = Link::start(&args.broker.amqp_url, names, &format!("hatchery worker {name}"));
+        let link = Link::start(endpoint, names, &format!("hatchery worker {name}"));
         worker::run(link, pipeline, config, stop).await;
         info!("worker stopped");
     });

@@ -10,6 +10,23 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "the TLS certificate of the broker at {url} did not verify: no trusted CA signed it \
+         (give its CA with --tls-ca or broker.tls_ca), or it expired or names another host"
+    )]
+    UntrustedCertificate {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("cannot read the broker's CA certificates from {path}")]
+    ReadTlsCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)")]
+    TlsCaNotPem { path: std::path::PathBuf },
     #[error("cannot open a channel")]
     OpenChannel(#[source] lapin::Error),
     #[error("cannot enable publisher confirms")]

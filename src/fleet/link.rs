@@ -1,7 +1,8 @@
 //! The one broker connection a process keeps: opened with backoff, watched, and opened again
 //! when it dies. Everything else asks the link for the current [`Session`] and reports a
-//! session it found broken.
+//! session it found broken. [`Endpoint`] is where the broker is and which CA vouches for it.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,7 +10,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -46,7 +48,7 @@ pub struct Link {
 }
 
 struct Inner {
-    url: String,
+    endpoint: Endpoint,
     names: Names,
     connection_name: String,
     current: watch::Sender<Option<Arc<Session>>>,
@@ -60,11 +62,11 @@ struct Inner {
 const STATUS_POLL: Duration = Duration::from_secs(1);
 
 impl Link {
-    /// Starts keeping a connection to `url`, declaring the topology on each new one.
-    pub fn start(url: &str, names: Names, connection_name: &str) -> Self {
+    /// Starts keeping a connection to `endpoint`, declaring the topology on each new one.
+    pub fn start(endpoint: Endpoint, names: Names, connection_name: &str) -> Self {
         let (current, _) = watch::channel(None);
         let inner = Arc::new(Inner {
-            url: url.to_owned(),
+            endpoint,
             names,
             connection_name: connection_name.to_owned(),
             current,
@@ -191,7 +193,8 @@ async fn connect_with_backoff(inner: &Inner, generation: u64) -> Option<Session>
         .without_max_times()
         .build();
     loop {
-        match open_session(&inner.url, &inner.names, &inner.connection_name, generation).await {
+        let name = &inner.connection_name;
+        match open_session(&inner.endpoint, &inner.names, name, generation).await {
             Ok(session) => return Some(session),
             Err(e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -210,12 +213,12 @@ async fn connect_with_backoff(inner: &Inner, generation: u64) -> Option<Session>
 }
 
 async fn open_session(
-    url: &str,
+    endpoint: &Endpoint,
     names: &Names,
     connection_name: &str,
     generation: u64,
 ) -> Result<Session, BrokerError> {
-    let conn = connect(url, connection_name).await?;
+    let conn = endpoint.connect(connection_name).await?;
     let setup = conn
         .create_channel()
         .await
@@ -239,13 +242,87 @@ async fn open_session(
     })
 }
 
-/// One connection attempt, for short-lived commands that report failure instead of waiting.
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect(url, props)
+/// Where the broker is, and the certificate authority that vouches for an `amqps://` broker
+/// when no CA in the system's store does.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    /// PEM file of CA certificates trusted besides the system's; unused for `amqp://`.
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Endpoint {
+    pub fn new(url: &str, tls_ca: Option<PathBuf>) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls_ca,
+        }
+    }
+
+    /// One connection attempt, for short-lived commands that report failure instead of
+    /// waiting. The CA file is read on every attempt, so a replaced one takes effect on the
+    /// next reconnection.
+    pub async fn connect(&self, connection_name: &str) -> Result<Connection, BrokerError> {
+        let tls = match &self.tls_ca {
+            Some(path) => trusting(path).await?,
+            None => OwnedTLSConfig::default(),
+        };
+        let props = ConnectionProperties::default().with_connection_name(connection_name.into());
+        let failed = |source| {
+            let url = redact_url(&self.url);
+            if is_certificate_rejected(&source) {
+                BrokerError::UntrustedCertificate { url, source }
+            } else {
+                BrokerError::Connect { url, source }
+            }
+        };
+        DefaultConnectionBuilder::new()
+            .map_err(failed)?
+            .with_uri_str(self.url.clone())
+            .with_properties(props)
+            .with_tls_config(tls)
+            .connect()
+            .await
+            .map_err(failed)
+    }
+}
+
+/// Whether the TLS handshake failed because the broker's certificate did not verify. The TLS
+/// layer under lapin keeps only OpenSSL's text, whose reason string is stable across releases.
+fn is_certificate_rejected(error: &lapin::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = cause {
+        if e.to_string().contains("certificate verify failed") {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A TLS configuration that adds the certificates in `path` to the trusted roots. Server
+/// certificates are still verified, host name included.
+async fn trusting(path: &Path) -> Result<OwnedTLSConfig, BrokerError> {
+    let pem = tokio::fs::read_to_string(path)
         .await
-        .map_err(|source| BrokerError::Connect {
-            url: redact_url(url),
+        .map_err(|source| BrokerError::ReadTlsCa {
+            path: path.to_owned(),
             source,
-        })
+        })?;
+    // openssl would take a file without certificates as an empty list, and the handshake
+    // would then fail with a verification error that hides the real mistake.
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(BrokerError::TlsCaNotPem {
+            path: path.to_owned(),
+        });
+    }
+    Ok(OwnedTLSConfig {
+        identity: None,
+        cert_chain: Some(pem),
+    })
+}
+
+/// One connection attempt to `url`, trusting the system's certificate authorities only.
+pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, BrokerError> {
+    Endpoint::new(url, None).connect(connection_name).await
 }
