@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod secret_user;
 pub mod sshd;
 pub mod testdriver;
+pub mod tls;
 pub mod vmenv;
 
 use std::time::{Duration, Instant};
