@@ -3,6 +3,7 @@
 //! The only module that writes to stdout: its subcommands' output is their interface.
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod cancel;
 mod check;
 mod events;
@@ -56,6 +57,8 @@ pub enum Command {
     Cancel(cancel::CancelArgs),
     /// Print the fleet's events as they happen.
     Events(events::EventsArgs),
+    /// Measure a worker on the test driver: jobs/s, event latency, memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the worker's configuration comes from: a TOML file, `HATCHERY__*` variables, then
@@ -105,5 +108,6 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(args) => submit::main(args),
         Command::Cancel(args) => cancel::main(args),
         Command::Events(args) => events::main(args),
+        Command::Bench(args) => bench::main(args),
     }
 }
