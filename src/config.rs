@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::guest::JumpHost;
 use crate::job::{DomainType, Limits};
 use crate::retry::RetryPolicy;
 use crate::settings::{DefaultTimeouts, Settings};
@@ -84,13 +85,33 @@ pub struct HypervisorConfig {
     /// Most jobs this hypervisor runs at once, across the whole fleet.
     #[serde(default = "default_hypervisor_concurrency")]
     pub concurrency: u16,
-    /// Reach guests through the hypervisor as an SSH jump host (`user@host[:port]`); for
-    /// `qemu+ssh://` URIs, `true`-like `"auto"` takes the URI's user and host.
+    /// Reach guests through an SSH jump host, `[user@]host[:port]`, or `"auto"` for the user
+    /// and host of a `qemu+ssh://` URI: for workers that cannot route to guest networks.
     #[serde(default)]
     pub jump_host: Option<String>,
+    /// The private key `ssh` logs in to the jump host with.
+    #[serde(default)]
+    pub jump_identity: Option<PathBuf>,
+    /// The `known_hosts` file listing the jump host.
+    #[serde(default)]
+    pub jump_known_hosts: Option<PathBuf>,
     /// Base image volumes in `pool` that `hatchery check` makes sure are there.
     #[serde(default)]
     pub bases: Vec<String>,
+}
+
+impl HypervisorConfig {
+    /// The jump host guests of this hypervisor are reached through, if any.
+    pub fn jump(&self) -> Option<JumpHost> {
+        let spec = self.jump_host.as_deref()?;
+        let mut jump = match spec {
+            "auto" => JumpHost::from_libvirt_uri(&self.uri)?,
+            spec => JumpHost::parse(spec)?,
+        };
+        jump.identity.clone_from(&self.jump_identity);
+        jump.known_hosts.clone_from(&self.jump_known_hosts);
+        Some(jump)
+    }
 }
 
 fn default_hypervisor_concurrency() -> u16 {
@@ -311,6 +332,12 @@ impl Config {
             if hv.concurrency == 0 {
                 return bad(&format!("{key}.concurrency"), "must be at least 1");
             }
+            if hv.jump_host.is_some() && hv.jump().is_none() {
+                return bad(
+                    &format!("{key}.jump_host"),
+                    "must be [user@]host[:port], or \"auto\" with a qemu+ssh:// uri",
+                );
+            }
         }
         Ok(())
     }
@@ -322,9 +349,13 @@ impl Config {
             .iter()
             .map(|(name, hv)| (name.clone(), hv.uri.clone()))
             .collect();
+        let jump_hosts = (self.hypervisors.values())
+            .filter_map(|hv| Some((hv.uri.clone(), hv.jump()?)))
+            .collect();
         Settings {
             console_listen: self.worker.console_listen,
             hypervisors,
+            jump_hosts,
             key_dir: self.secrets.key_dir.clone(),
             serial_log_dir: self.worker.serial_log_dir.clone(),
             limits: Limits {

@@ -490,16 +490,60 @@ fn job_secrets(job: &Job) -> Vec<String> {
     }
 }
 
-/// Removes the job's own secrets from text the guest produced, should its script print them.
+/// Shortest piece of a secret worth hiding on its own; shorter ones would blank ordinary text.
+const MIN_SECRET_PIECE: usize = 6;
+
+/// Removes the job's own secrets from text the guest produced, should its script print them:
+/// whole, line by line (a key printed in part), and a piece left at the start of a tail that
+/// was cut in the middle of one.
 fn redact(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .filter(|s| s.len() >= 4)
-        .fold(text.to_owned(), |acc, s| {
-            acc.replace(s.as_str(), "[redacted]")
-        })
+    let mut out = text.to_owned();
+    for secret in secrets {
+        let lines = secret
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.len() >= MIN_SECRET_PIECE);
+        for piece in std::iter::once(secret.as_str()).chain(lines) {
+            if piece.len() >= MIN_SECRET_PIECE.min(secret.len()) && !piece.is_empty() {
+                out = out.replace(piece, "[redacted]");
+            }
+        }
+        // The tail keeps the last bytes, so a secret can only be cut at the tail's start.
+        let longest = (MIN_SECRET_PIECE..secret.len()).rev().find(|&n| {
+            secret.is_char_boundary(secret.len() - n)
+                && out.starts_with(&secret[secret.len() - n..])
+        });
+        if let Some(n) = longest {
+            out.replace_range(..n, "[redacted]");
+        }
+    }
+    out
 }
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_covers_whole_secrets_single_lines_and_cut_tails() {
+        let password = "correct-horse-battery".to_owned();
+        let key =
+            "-----BEGIN KEY-----\nAAAALINEONEAAAA\nBBBBLINETWOBBBB\n-----END KEY-----".to_owned();
+        let secrets = [password, key];
+
+        assert_eq!(
+            redact("pw correct-horse-battery!", &secrets),
+            "pw [redacted]!"
+        );
+        assert_eq!(redact("x BBBBLINETWOBBBB y", &secrets), "x [redacted] y");
+        assert_eq!(
+            redact("horse-battery and more", &secrets),
+            "[redacted] and more"
+        );
+        assert_eq!(redact("nothing to hide", &secrets), "nothing to hide");
+    }
 }

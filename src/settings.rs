@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::guest::JumpHost;
 use crate::job::Limits;
 use crate::retry::RetryPolicy;
 
@@ -16,6 +17,8 @@ pub struct Settings {
     pub console_listen: IpAddr,
     /// Named hypervisors a job may refer to instead of giving a URI.
     pub hypervisors: HashMap<String, String>,
+    /// Hypervisors (by URI) whose guests are reached through an SSH jump host.
+    pub jump_hosts: HashMap<String, JumpHost>,
     /// Directory of private keys that jobs may name with `key_name`.
     pub key_dir: Option<PathBuf>,
     /// Directory on the hypervisor for the guests' serial console logs.
@@ -52,6 +55,7 @@ impl Default for Settings {
         Self {
             console_listen: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             hypervisors: HashMap::new(),
+            jump_hosts: HashMap::new(),
             key_dir: None,
             serial_log_dir: None,
             limits: Limits::default(),

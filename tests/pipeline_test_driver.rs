@@ -609,3 +609,65 @@ async fn named_keys_come_from_the_key_directory_or_the_environment() {
     assert_eq!(outcome, Outcome::Failed);
     assert_eq!(events.result()["failure"]["class"], "refused");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_finish_step_can_hop_through_the_hypervisor() {
+    let host = TestHost::new();
+    // Two real sshds on loopback: one stands in for the hypervisor, the other for the guest.
+    let hypervisor = common::sshd::Sshd::start();
+    let guest = common::sshd::Sshd::start();
+    let hop_key = common::sshd::generate_key("ed25519", "");
+    hypervisor.authorize(&hop_key.public);
+    let guest_key = common::sshd::generate_key("ed25519", "");
+    guest.authorize(&guest_key.public);
+
+    let files = tempfile::tempdir().unwrap();
+    let identity = files.path().join("hop");
+    std::fs::write(&identity, &hop_key.private).unwrap();
+    std::fs::set_permissions(
+        &identity,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let known = files.path().join("known_hosts");
+    std::fs::write(&known, hypervisor.known_hosts_line()).unwrap();
+    std::fs::write(files.path().join("guest"), &guest_key.private).unwrap();
+
+    let spec = format!(
+        "{}@127.0.0.1:{}",
+        common::sshd::KEY_USER,
+        hypervisor.addr().port()
+    );
+    let mut jump = hatchery::guest::JumpHost::parse(&spec).unwrap();
+    jump.identity = Some(identity);
+    jump.known_hosts = Some(known.clone());
+    let mut settings = Settings {
+        key_dir: Some(files.path().to_owned()),
+        ..Settings::default()
+    };
+    settings.jump_hosts.insert(host.uri.clone(), jump);
+    let p = Pipeline::new(settings, Publisher::new("test"));
+
+    let (outcome, events) = run(&p, finishing_on(&host, "hopped", &guest, "guest")).await;
+    assert_eq!(
+        outcome,
+        Outcome::Succeeded,
+        "{}\n{}",
+        events.result(),
+        hypervisor.log()
+    );
+    assert_eq!(
+        events.result()["host_key_fingerprint"],
+        guest.host_key_fingerprint()
+    );
+    assert!(
+        hypervisor.log().contains("Accepted publickey"),
+        "{}",
+        hypervisor.log()
+    );
+
+    // A jump host missing from known_hosts is refused, never trusted on first use.
+    std::fs::write(&known, "").unwrap();
+    let (outcome, events) = run(&p, finishing_on(&host, "unhopped", &guest, "guest")).await;
+    assert_eq!(outcome, Outcome::Failed, "{}", events.result());
+}

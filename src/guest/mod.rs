@@ -33,6 +33,7 @@
 mod error;
 mod fingerprint;
 mod finish;
+mod jump;
 mod remote;
 mod session;
 mod wait;
@@ -48,6 +49,7 @@ use crate::secret::Secret;
 
 pub use error::{RemoteExit, SshError, Step};
 pub use fingerprint::host_key_fingerprint;
+pub use jump::JumpHost;
 
 /// Where and as whom to log in to a guest.
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct SshTarget {
     pub auth: SshAuth,
     /// OpenSSH-style fingerprint `SHA256:<base64 without padding>` that the host key must match.
     pub pinned_host_key: Option<String>,
+    /// Reach `addr` through this host (usually the hypervisor) instead of directly.
+    pub jump: Option<JumpHost>,
 }
 
 /// How to prove who we are. Both variants keep their material in [`Secret`]s.
@@ -128,7 +132,17 @@ pub fn wait_for_sshd(
     deadline: Instant,
     cancel: &CancellationToken,
 ) -> Result<(), SshError> {
-    wait::until_banner(addr, deadline, cancel)
+    wait::until_banner(addr, None, deadline, cancel)
+}
+
+/// Like [`wait_for_sshd`], probing through `jump` when one is given.
+pub fn wait_for_sshd_via(
+    addr: SocketAddr,
+    jump: Option<&JumpHost>,
+    deadline: Instant,
+    cancel: &CancellationToken,
+) -> Result<(), SshError> {
+    wait::until_banner(addr, jump, deadline, cancel)
 }
 
 /// Logs in to the guest and runs `script` there at most once per job id, returning its result.

@@ -8,6 +8,7 @@ use ssh2::{ErrorCode, KeyboardInteractivePrompt, Prompt, Session};
 
 use super::error::{AUTHENTICATION_FAILED, RemoteExit, SOCKET_RECV, Step, TIMEOUT};
 use super::fingerprint;
+use super::jump::Tunnel;
 use super::{SshAuth, SshError, SshTarget};
 use crate::secret::Secret;
 
@@ -30,6 +31,8 @@ pub(crate) struct Output {
 pub(crate) struct GuestSession {
     session: Session,
     fingerprint: String,
+    /// The `ssh -W` carrying the session when it goes through a jump host.
+    _tunnel: Option<Tunnel>,
 }
 
 impl GuestSession {
@@ -37,14 +40,24 @@ impl GuestSession {
     /// wrong key never sees a credential and never gets to run anything.
     pub fn open(target: &SshTarget) -> Result<Self, SshError> {
         let addr = target.addr;
-        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-            .map_err(|source| SshError::Connect { addr, source })?;
-        // Small request/response exchanges; Nagle would only add latency to each poll.
-        let _ = tcp.set_nodelay(true);
-
         let mut session = Session::new().map_err(|source| SshError::Handshake { addr, source })?;
         session.set_timeout(u32::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u32::MAX));
-        session.set_tcp_stream(tcp);
+        let connect_err = |source| SshError::Connect { addr, source };
+        let tunnel = match &target.jump {
+            None => {
+                let tcp =
+                    TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(connect_err)?;
+                // Small request/response exchanges; Nagle would only add latency to each poll.
+                let _ = tcp.set_nodelay(true);
+                session.set_tcp_stream(tcp);
+                None
+            }
+            Some(jump) => {
+                let tunnel = Tunnel::open(jump, addr, CONNECT_TIMEOUT).map_err(connect_err)?;
+                session.set_tcp_stream(tunnel.stream.try_clone().map_err(connect_err)?);
+                Some(tunnel)
+            }
+        };
         session
             .handshake()
             .map_err(|source| SshError::Handshake { addr, source })?;
@@ -68,6 +81,7 @@ impl GuestSession {
         Ok(Self {
             session,
             fingerprint,
+            _tunnel: tunnel,
         })
     }
 

@@ -7,17 +7,22 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::SshError;
+use super::jump::{JumpHost, Tunnel};
 
 /// Pause between probes; a guest that is booting needs seconds, not milliseconds.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Upper bound on one probe's connect and read, so a silent peer cannot eat the deadline.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A probe through a jump host includes logging in to it.
+const JUMP_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+const JUMP_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// RFC 4253 lets a server send other lines before its version line; read no more than this.
 const MAX_BANNER_BYTES: u64 = 8 * 1024;
 
 /// Probes `addr` until an SSH version line arrives, the deadline passes or `cancel` fires.
 pub(super) fn until_banner(
     addr: SocketAddr,
+    jump: Option<&JumpHost>,
     deadline: Instant,
     cancel: &CancellationToken,
 ) -> Result<(), SshError> {
@@ -36,19 +41,36 @@ pub(super) fn until_banner(
             });
         };
 
-        match probe(addr, remaining.min(PROBE_TIMEOUT)) {
+        let result = match jump {
+            None => probe(addr, remaining.min(PROBE_TIMEOUT)),
+            Some(jump) => probe_via(jump, addr, remaining.min(JUMP_PROBE_TIMEOUT)),
+        };
+        match result {
             Ok(true) => {
                 tracing::debug!(%addr, waited_ms = started.elapsed().as_millis(), "sshd answers");
                 return Ok(());
             }
             Ok(false) => tracing::trace!(%addr, "peer answered without an ssh banner"),
+            Err(error) if error.kind() == io::ErrorKind::PermissionDenied && jump.is_some() => {
+                // The jump host refused us: no amount of waiting for the guest helps.
+                return Err(SshError::Connect {
+                    addr,
+                    source: error,
+                });
+            }
             Err(error) => {
                 tracing::trace!(%addr, error = %error, "sshd not reachable yet");
                 last_error = Some(error);
             }
         }
 
-        if !pause(POLL_INTERVAL.min(remaining), cancel) {
+        // Each probe through a jump host costs a login to it: poll that more gently.
+        let interval = if jump.is_some() {
+            JUMP_POLL_INTERVAL
+        } else {
+            POLL_INTERVAL
+        };
+        if !pause(interval.min(remaining), cancel) {
             return Err(SshError::Cancelled);
         }
     }
@@ -72,6 +94,11 @@ fn probe(addr: SocketAddr, timeout: Duration) -> io::Result<bool> {
             return Ok(true);
         }
     }
+}
+
+/// One attempt through `jump`: `ssh -W` to `addr`, then the banner.
+fn probe_via(jump: &JumpHost, addr: SocketAddr, timeout: Duration) -> io::Result<bool> {
+    Tunnel::open(jump, addr, timeout)?.banner(timeout)
 }
 
 /// Sleeps for `duration` in short slices; `false` when `cancel` fired meanwhile.
@@ -123,7 +150,7 @@ mod tests {
             .local_addr()
             .unwrap();
         let deadline = Instant::now() + Duration::from_millis(300);
-        let error = until_banner(addr, deadline, &CancellationToken::new()).unwrap_err();
+        let error = until_banner(addr, None, deadline, &CancellationToken::new()).unwrap_err();
         assert!(matches!(error, SshError::SshdNotReady { .. }), "{error:?}");
         assert!(!error.is_transient());
     }
@@ -137,7 +164,7 @@ mod tests {
         let cancel = CancellationToken::new();
         cancel.cancel();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let error = until_banner(addr, deadline, &cancel).unwrap_err();
+        let error = until_banner(addr, None, deadline, &cancel).unwrap_err();
         assert!(matches!(error, SshError::Cancelled), "{error:?}");
     }
 }

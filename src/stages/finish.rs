@@ -31,6 +31,7 @@ impl Stage for Finish {
             user: spec.user.clone(),
             auth: credential(cx, &spec)?,
             pinned_host_key: spec.host_key.clone(),
+            jump: cx.settings.jump_hosts.get(cx.hv.uri()).cloned(),
         };
         let job_id = cx.job.id;
         let tail_bytes = cx.settings.limits.output_tail_bytes;
@@ -41,7 +42,7 @@ impl Stage for Finish {
         // ssh2 blocks, so the whole exchange runs on the blocking pool; cancellation reaches it
         // through the token, which its polling loops check.
         let outcome = blocking(move || {
-            guest::wait_for_sshd(addr, deadline, &cancel)?;
+            guest::wait_for_sshd_via(addr, target.jump.as_ref(), deadline, &cancel)?;
             let script = FinishScript {
                 job_id,
                 body: &spec.script,

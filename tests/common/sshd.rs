@@ -121,6 +121,14 @@ impl Sshd {
         self.addr
     }
 
+    /// A `known_hosts` line for this server, as OpenSSH's client expects it.
+    pub fn known_hosts_line(&self) -> String {
+        let public = fs::read_to_string(self.dir.path().join("host_ed25519.pub")).unwrap();
+        let mut parts = public.split_whitespace();
+        let (kind, key) = (parts.next().unwrap(), parts.next().unwrap());
+        format!("[{}]:{} {kind} {key}\n", self.addr.ip(), self.addr.port())
+    }
+
     /// The host key's fingerprint as `ssh-keygen -l -E sha256` prints it.
     pub fn host_key_fingerprint(&self) -> &str {
         &self.host_key_fingerprint
@@ -142,6 +150,7 @@ impl Sshd {
             user: PASSWORD_USER.to_owned(),
             auth: SshAuth::Password(Secret::new(password)),
             pinned_host_key: None,
+            jump: None,
         }
     }
 
@@ -158,6 +167,7 @@ impl Sshd {
                 passphrase: (!passphrase.is_empty()).then(|| Secret::new(passphrase)),
             },
             pinned_host_key: None,
+            jump: None,
         }
     }
 
