@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     /// How often the worker looks for orphans on its hypervisors; off when absent.
     #[serde(with = "humantime_serde::option")]
     pub reconcile_every: Option<Duration>,
+    /// Whether that check removes what it finds, rather than only reporting it.
+    pub reconcile_apply: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +171,7 @@ impl Default for WorkerConfig {
             console_listen: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             serial_log_dir: None,
             reconcile_every: None,
+            reconcile_apply: false,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::events::{
 use crate::hypervisor::Hypervisors;
 use crate::hypervisor::metadata::{JobMetadata, JobState};
 use crate::job::{Credential, Job, OnFailure, Work};
+use crate::observe::{Metrics, ObservedSink};
 use crate::settings::Settings;
 use crate::stages::address::Address;
 use crate::stages::domain::{self, Domain};
@@ -52,6 +53,8 @@ pub struct Pipeline {
     pub hypervisors: Hypervisors,
     pub settings: Arc<Settings>,
     pub publisher: Publisher,
+    /// Counts every event the pipeline emits, for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A stage that failed for good, with how many attempts it took.
@@ -66,6 +69,7 @@ impl Pipeline {
             hypervisors: Hypervisors::default(),
             settings: Arc::new(settings),
             publisher,
+            metrics: Arc::default(),
         }
     }
 
@@ -86,7 +90,11 @@ impl Pipeline {
             domain_uuid = field::Empty,
             ip = field::Empty,
         );
-        self.run_in_span(Arc::new(job), attempt, cancel, sink)
+        let sink = ObservedSink {
+            inner: sink,
+            metrics: &self.metrics,
+        };
+        self.run_in_span(Arc::new(job), attempt, cancel, &sink)
             .instrument(span)
             .await
     }

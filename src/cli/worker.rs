@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -135,10 +136,68 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let names = args.broker.names();
         info!(worker = %name, url = %crate::fleet::redact_url(&args.broker.amqp_url), "worker starting");
         let link = Link::start(endpoint, names, &format!("hatchery worker {name}"));
+
+        // Side duties that only observe: metrics and health, and the orphan check.
+        let metrics = Arc::clone(&pipeline.metrics);
+        tokio::spawn(watch_broker(link.clone(), Arc::clone(&metrics), stop.clone()));
+        if let Some(addr) = file.worker.metrics_listen {
+            let (metrics, stop) = (Arc::clone(&metrics), stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::observe::serve(addr, metrics, stop).await {
+                    tracing::error!(%addr, error = %e, "metrics endpoint failed");
+                }
+            });
+        }
+        if let Some(every) = file.worker.reconcile_every {
+            let uris: Vec<String> = file.hypervisors.values().map(|h| h.uri.clone()).collect();
+            tokio::spawn(reconcile_loop(uris, every, file.worker.reconcile_apply, stop.clone()));
+        }
+
         worker::run(link, pipeline, config, stop).await;
         info!("worker stopped");
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps the broker gauge and `/readyz` in step with the connection.
+async fn watch_broker(link: Link, metrics: Arc<crate::observe::Metrics>, stop: CancellationToken) {
+    let mut sessions = link.watch();
+    loop {
+        metrics.set_broker_connected(link.current().is_some());
+        tokio::select! {
+            changed = sessions.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Looks for orphans on the configured hypervisors every `every`; reports them, and removes
+/// them when the configuration says so.
+async fn reconcile_loop(uris: Vec<String>, every: Duration, apply: bool, stop: CancellationToken) {
+    // Long enough that no live job, whose record a heartbeat refreshes every minute, is taken.
+    let older_than = Duration::from_secs(15 * 60);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        for uri in &uris {
+            let hv = Arc::new(crate::hypervisor::Hypervisor::new(uri));
+            match crate::reconcile::find(&hv, older_than).await {
+                Ok(orphans) if orphans.is_empty() => {}
+                Ok(orphans) => {
+                    for o in &orphans {
+                        tracing::warn!(hypervisor = %uri, name = %o.name, reason = o.reason, "orphan found");
+                    }
+                    if apply {
+                        let _ = crate::reconcile::remove(&hv, &orphans, older_than).await;
+                    }
+                }
+                Err(e) => tracing::warn!(hypervisor = %uri, error = %e, "orphan check failed"),
+            }
+        }
+    }
 }
 
 /// Cancels `stop` on the first SIGTERM or SIGINT.
