@@ -442,6 +442,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let text = include_str!("../hatchery.example.toml");
+        let config = load(text, &[], &[]).expect("the example parses and validates");
+        assert_eq!(config.hypervisors.len(), 2);
+        let jump = config.hypervisors["kvm-1"].jump().expect("auto jump host");
+        assert_eq!(
+            (jump.user.as_deref(), jump.host.as_str()),
+            (Some("hatchery"), "kvm-1.example.com")
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let err = load("[retry]\nmax_attempts = 0\n", &[], &[]).expect_err("invalid");
         assert!(err.to_string().contains("retry.max_attempts"), "{err}");
