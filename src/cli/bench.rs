@@ -185,21 +185,13 @@ fn report(
         ms(pct(90)),
         ms(pct(99))
     )?;
-    writeln!(
-        out,
-        "worker memory idle: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-        idle.rss_mib, idle.hwm_mib
-    )?;
-    writeln!(
-        out,
-        "worker memory after the run: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-        after_run.rss_mib, after_run.hwm_mib
-    )?;
+    writeln!(out, "worker memory idle: {idle}")?;
+    writeln!(out, "worker memory after the run: {after_run}")?;
     if let Some(m) = loaded {
         writeln!(
             out,
-            "worker memory with {} jobs in flight: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-            args.in_flight, m.rss_mib, m.hwm_mib
+            "worker memory with {} jobs in flight: {m}",
+            args.in_flight
         )?;
     }
     Ok(())
@@ -209,6 +201,19 @@ fn report(
 struct Memory {
     rss_mib: f64,
     hwm_mib: f64,
+    /// The private part of the RSS; the rest is mostly shared libraries (libvirt, OpenSSL).
+    anon_mib: f64,
+    threads: f64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmRSS {:.1} MiB (private {:.1} MiB), VmHWM {:.1} MiB, {} threads",
+            self.rss_mib, self.anon_mib, self.hwm_mib, self.threads as u64
+        )
+    }
 }
 
 /// VmRSS and VmHWM (peak RSS) of process `pid`.
@@ -217,11 +222,23 @@ fn memory(pid: u32) -> anyhow::Result<Memory> {
         .context("cannot read the worker's /proc status; did it exit?")?;
     let field = |name: &str| {
         let line = status.lines().find(|l| l.starts_with(name))?;
+        // Sizes are in kB; the thread count is a plain number, scaled back by the caller.
         let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib / 1024.0)
     };
-    match (field("VmRSS:"), field("VmHWM:")) {
-        (Some(rss_mib), Some(hwm_mib)) => Ok(Memory { rss_mib, hwm_mib }),
+    let fields = (
+        field("VmRSS:"),
+        field("VmHWM:"),
+        field("RssAnon:"),
+        field("Threads:"),
+    );
+    match fields {
+        (Some(rss_mib), Some(hwm_mib), Some(anon_mib), Some(threads)) => Ok(Memory {
+            rss_mib,
+            hwm_mib,
+            anon_mib,
+            threads: threads * 1024.0,
+        }),
         _ => bail!("no VmRSS/VmHWM in /proc/{pid}/status"),
     }
 }

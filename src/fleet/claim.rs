@@ -36,6 +36,8 @@ pub enum Claim {
     Taken,
     /// Another live worker runs the job.
     HeldElsewhere,
+    /// Not asked for: a first delivery runs without one until it needs one.
+    Unneeded,
 }
 
 /// Claims and markers, on a channel of their own: a refused declaration closes the channel it

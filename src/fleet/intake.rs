@@ -2,6 +2,7 @@
 //! while another worker runs the job, dropped as cancelled, or run.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lapin::Acker;
@@ -66,9 +67,17 @@ impl Intake {
             }
         };
 
-        // Only one live worker runs a job; the others park their copy for later.
-        match self.claims.take(id).await {
-            Ok(Claim::Taken) => {}
+        // Only one live worker runs a job; the others park their copy for later. A first
+        // delivery skips the claim: nobody else can have started it, and the common path
+        // stays free of extra round trips. Its run claims the job before any hand-over.
+        let claim = if second_look {
+            self.claims.take(id).await
+        } else {
+            Ok(Claim::Unneeded)
+        };
+        match claim {
+            Ok(Claim::Taken) => run.claimed.store(true, Ordering::SeqCst),
+            Ok(Claim::Unneeded) => {}
             Ok(Claim::HeldElsewhere) => return self.park(id, &run).await,
             Err(e) => {
                 warn!(job_id = %id, error = %crate::pipeline::chain(&e), "cannot claim job; returning it");
@@ -86,7 +95,7 @@ impl Intake {
                     info!(job_id = %id, "job finished elsewhere; publishing its outcome again");
                     let batch_size = job.batch.as_ref().map(|b| b.size);
                     return self
-                        .conclude(id, Finished { event, batch_size }, true, false)
+                        .conclude(id, &run, Finished { event, batch_size }, true, false)
                         .await;
                 }
                 Ok(None) => {}
@@ -97,7 +106,7 @@ impl Intake {
         if self.cancels.contains(id) {
             info!(job_id = %id, "job cancelled before it started; dropping it");
             let finished = self.cancelled_before_start(&job, attempt);
-            return self.conclude(id, finished, true, false).await;
+            return self.conclude(id, &run, finished, true, false).await;
         }
         self.run(job, run, attempt).await;
     }
@@ -136,17 +145,31 @@ impl Intake {
             for held in self.ledger.abandon(id) {
                 hand_back(&id, &held.acker).await;
             }
-            self.claims.release(id).await;
+            if run.claimed.load(Ordering::SeqCst) {
+                self.claims.release(id).await;
+            }
             return;
         };
         // The sink published the final event already, with a confirm.
         let finished = Finished { event, batch_size };
-        self.conclude(id, finished, false, handed_over).await;
+        self.conclude(id, &run, finished, false, handed_over).await;
     }
 
     /// Publishes a copy of the job (marked as a continuation) and acknowledges the deliveries
     /// held so far, before the broker's ack timeout closes the channel under them.
     async fn hand_over(&self, id: Uuid, run: &Run) -> bool {
+        // The copy may reach another worker at once: it must find the job claimed.
+        if !run.claimed.load(Ordering::SeqCst) {
+            match self.claims.take(id).await {
+                Ok(Claim::Taken) => run.claimed.store(true, Ordering::SeqCst),
+                Ok(_) => warn!(job_id = %id, "another worker claimed this running job"),
+                Err(e) => {
+                    warn!(job_id = %id, error = %e, "cannot claim job; hand-over postponed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return false;
+                }
+            }
+        }
         let held = run.take_deliveries();
         let extra = [
             (HEADER_CONTINUATION, message::text(&self.config.name)),
@@ -168,7 +191,14 @@ impl Intake {
     }
 
     /// Records the outcome, settles every delivery of the job, and releases its claim.
-    async fn conclude(&self, id: Uuid, finished: Finished, publish: bool, leave_marker: bool) {
+    async fn conclude(
+        &self,
+        id: Uuid,
+        run: &Run,
+        finished: Finished,
+        publish: bool,
+        leave_marker: bool,
+    ) {
         if publish && !self.publish_final(&finished).await {
             // Closing: the deliveries go back to the queue with the connection.
             return;
@@ -183,7 +213,9 @@ impl Intake {
         for held in self.ledger.finish(id, finished) {
             settle(&id, &held.acker).await;
         }
-        self.claims.release(id).await;
+        if run.claimed.load(Ordering::SeqCst) {
+            self.claims.release(id).await;
+        }
     }
 
     /// Publishes a final event (again) and waits for the broker's confirm.

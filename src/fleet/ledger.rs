@@ -3,6 +3,7 @@
 //! here and is settled with the first one's outcome instead of running again.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lapin::Acker;
@@ -39,6 +40,8 @@ pub struct Run {
     /// The final event, once the broker confirmed it: from then on the job is done, whatever
     /// happens to its deliveries.
     outcome: Mutex<Option<Event>>,
+    /// Whether this worker holds the job's fleet-wide claim.
+    pub claimed: AtomicBool,
 }
 
 impl Run {
@@ -136,6 +139,7 @@ impl Ledger {
             deliveries: Mutex::new(vec![held]),
             attached: Notify::new(),
             outcome: Mutex::new(None),
+            claimed: AtomicBool::new(false),
         });
         state.entries.insert(id, Entry::Running(Arc::clone(&run)));
         Begin::New(run)

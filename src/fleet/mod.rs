@@ -13,7 +13,35 @@
 //! - [`batch`]: counts final events fleet-wide and announces finished batches.
 //! - [`message`]: how jobs and events look on the wire (headers, properties).
 //!
-//! Only [`worker`] acknowledges deliveries of jobs; stage code never touches AMQP.
+//! Only [`worker`] (through its intake) acknowledges deliveries of jobs; stage code never
+//! touches AMQP.
+//!
+//! # Delivery guarantees
+//!
+//! At least once, with one outcome per job id:
+//!
+//! - A delivery is acknowledged only after the job's final event was confirmed by the broker.
+//! - A second copy of a job this worker runs waits for the run and is acknowledged with it; a
+//!   copy of a job it finished gets the same final event (same id) again. The [`ledger`] keeps
+//!   both, in memory.
+//! - A lost connection kills the deliveries it carried (the broker requeues them). Runs go
+//!   on; the [`outbox`] publishes their events once a new connection is up, and the requeued
+//!   copies meet the ledger. On a stop signal, runs get a grace period; then the unfinished
+//!   ones are dropped where they are (no rollback) and their deliveries returned to the queue.
+//!   A run whose final event the broker already has is never returned.
+//! - Runs that outlive the broker's consumer ack timeout hand their job over: at 80% of it
+//!   the worker claims the job ([`claim`]), publishes a copy marked as a continuation,
+//!   acknowledges the old delivery, and keeps running. A copy reaching another worker finds
+//!   the claim held and is parked in the delay queue; a copy reaching this worker waits for
+//!   the run. The run leaves a done marker with its final event, so a copy arriving later
+//!   repeats the outcome instead of running the job again. A worker that dies releases its
+//!   claims with its connection, and the next copy resumes the job from what libvirt shows.
+//!
+//! FIXME: two workers can run one job at once in two cases: a first delivery and a duplicate
+//! publish of the same job, taken by two workers at the same moment (first deliveries skip
+//! the claim, to keep the common path cheap), and a redelivery taken by a second worker
+//! while the first one's connection is down. The stages adopt what the job id owns, so both
+//! runs converge on one domain and publish the same final event id, but both do the work.
 
 pub mod batch;
 pub mod claim;

@@ -203,9 +203,14 @@ struct Tasks {
 
 /// Takes the claims of the runs in progress again on a new connection.
 async fn reclaim(intake: &Intake) {
-    for (id, _run) in intake.ledger.running() {
+    let claimed = intake
+        .ledger
+        .running()
+        .into_iter()
+        .filter(|(_, run)| run.claimed.load(std::sync::atomic::Ordering::SeqCst));
+    for (id, _run) in claimed {
         match intake.claims.take(id).await {
-            Ok(Claim::Taken) => {}
+            Ok(Claim::Taken | Claim::Unneeded) => {}
             // Another worker got a redelivered copy while this one was away. Both runs
             // converge on the same domain (the stages adopt what the job id owns).
             Ok(Claim::HeldElsewhere) => {
