@@ -31,20 +31,18 @@ impl Stage for Domain {
         };
 
         // Start it unless an earlier attempt already did; record when, so that the address
-        // stage can tell this boot's lease from a stale one.
-        let n = name.clone();
-        let op = Op::StartDomain { name: name.clone() };
-        let started = cx
-            .hv
-            .call(op, move |conn| {
-                let dom = conn.lookup_domain_by_name(&n)?;
-                if dom.is_active()? {
-                    return Ok(false);
-                }
-                dom.create().map(|_| true)
-            })
-            .await?;
-        if started || meta.started_at.is_none() {
+        // stage can tell this boot's lease from a stale one. The time is written before the
+        // start: a worker dying while the domain starts leaves a running guest, and the run
+        // that takes over must not judge that boot's lease older than the boot.
+        let started = if is_active(cx, &name).await? {
+            false
+        } else {
+            meta.started_at = Some(now_secs());
+            meta.updated_at = meta.started_at;
+            write_metadata(cx, &name, &meta).await?;
+            start(cx, &name).await?
+        };
+        if meta.started_at.is_none() {
             meta.started_at = Some(now_secs());
         }
         meta.attempt = cx.attempt;
@@ -205,6 +203,38 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
         .await?;
     info!(domain = %name, "domain defined");
     Ok(meta)
+}
+
+/// Whether domain `name` runs.
+async fn is_active(cx: &JobRun, name: &str) -> Result<bool, StageError> {
+    let n = name.to_owned();
+    let op = Op::ReadDomain {
+        name: name.to_owned(),
+    };
+    let active = cx
+        .hv
+        .call(op, move |conn| conn.lookup_domain_by_name(&n)?.is_active())
+        .await?;
+    Ok(active)
+}
+
+/// Starts domain `name`; `false` when it was running already.
+async fn start(cx: &JobRun, name: &str) -> Result<bool, StageError> {
+    let n = name.to_owned();
+    let op = Op::StartDomain {
+        name: name.to_owned(),
+    };
+    let started = cx
+        .hv
+        .call(op, move |conn| {
+            let dom = conn.lookup_domain_by_name(&n)?;
+            if dom.is_active()? {
+                return Ok(false);
+            }
+            dom.create().map(|_| true)
+        })
+        .await?;
+    Ok(started)
 }
 
 /// Destroys and undefines domain `name`. The caller has checked that it is this job's.
