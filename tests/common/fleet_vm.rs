@@ -156,10 +156,16 @@ impl VmFleet {
         json!({ "id": Uuid::new_v4(), "hypervisor": HYPERVISOR, "deprovision": { "name": name } })
     }
 
-    /// Publishes `job` (with a confirm) and returns its id.
+    /// Publishes `job` with `hatchery submit` (a connection of its own, so that it works after
+    /// a broker restart too) and returns its id.
     pub fn submit(&self, job: &Value) -> String {
-        self.fleet.submit(job);
-        job["id"].as_str().unwrap().to_owned()
+        let id = job["id"].as_str().unwrap().to_owned();
+        let path = self.fleet.dir.path().join(format!("job-{id}.json"));
+        std::fs::write(&path, job.to_string()).unwrap();
+        let out = self.hatchery(&["submit", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "hatchery submit: {stderr}");
+        id
     }
 
     /// Submits `jobs` with `hatchery submit --wait` from the root namespace, with `extra` flags
