@@ -2,6 +2,10 @@
 //!
 //! The test lowers RabbitMQ's `consumer_timeout` to 60 s for channels opened meanwhile (the
 //! setting is global), and restores the default when it ends, even on failure.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests fail loudly on the first surprise"
+)]
 
 mod common;
 

@@ -1,4 +1,8 @@
 //! The worker on a real broker: many jobs, malformed messages, duplicates, batches.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests fail loudly on the first surprise"
+)]
 
 mod common;
 

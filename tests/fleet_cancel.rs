@@ -1,4 +1,8 @@
 //! `hatchery cancel`: a running job is interrupted and rolled back; a queued one is dropped.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests fail loudly on the first surprise"
+)]
 
 mod common;
 
@@ -11,7 +15,11 @@ use common::wait_until;
 
 fn cancel(fleet: &Fleet, id: &str) {
     let out = fleet.hatchery(&["cancel", id]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -30,16 +38,28 @@ fn a_running_job_is_cancelled_and_rolled_back() {
                 && matches!(&e.data, EventData::Stage(s) if s.stage.as_str() == "finish")
         })
     };
-    assert!(wait_until(Duration::from_secs(30), in_finish), "{}", worker.log());
+    assert!(
+        wait_until(Duration::from_secs(30), in_finish),
+        "{}",
+        worker.log()
+    );
     cancel(&fleet, &id);
 
     let finals = || fleet.finals().get(&id).cloned().unwrap_or_default();
-    assert!(wait_until(Duration::from_secs(30), || !finals().is_empty()), "{}", worker.log());
+    assert!(
+        wait_until(Duration::from_secs(30), || !finals().is_empty()),
+        "{}",
+        worker.log()
+    );
     let event = &finals()[0];
     assert_eq!(event.kind(), Some(EventKind::JobCancelled));
-    let EventData::Result(result) = &event.data else { panic!("{event:?}") };
+    let EventData::Result(result) = &event.data else {
+        panic!("{event:?}")
+    };
     assert_eq!(result.rolled_back, Some(true));
-    assert!(wait_until(Duration::from_secs(10), || fleet.queue_len(&fleet.names.jobs_queue) == Some(0)));
+    assert!(wait_until(Duration::from_secs(10), || fleet
+        .queue_len(&fleet.names.jobs_queue)
+        == Some(0)));
     assert_eq!(finals().len(), 1);
 }
 
@@ -53,14 +73,26 @@ fn a_job_cancelled_before_any_worker_took_it_is_dropped_when_it_arrives() {
 
     let worker = fleet.worker("w1", &[]);
     let finals = || fleet.finals().get(&id).cloned().unwrap_or_default();
-    assert!(wait_until(Duration::from_secs(30), || !finals().is_empty()), "{}", worker.log());
+    assert!(
+        wait_until(Duration::from_secs(30), || !finals().is_empty()),
+        "{}",
+        worker.log()
+    );
     assert_eq!(finals()[0].kind(), Some(EventKind::JobCancelled));
-    assert_eq!(fleet.count(EventKind::JobStarted, &id), 0, "the job never ran");
-    assert!(wait_until(Duration::from_secs(10), || fleet.queue_len(&fleet.names.jobs_queue) == Some(0)));
+    assert_eq!(
+        fleet.count(EventKind::JobStarted, &id),
+        0,
+        "the job never ran"
+    );
+    assert!(wait_until(Duration::from_secs(10), || fleet
+        .queue_len(&fleet.names.jobs_queue)
+        == Some(0)));
 
     // A job submitted after the cancellation of another runs as usual.
     let other = fleet.job("other");
     fleet.submit(&other);
     let other_id = other["id"].as_str().unwrap();
-    assert!(wait_until(Duration::from_secs(30), || fleet.count(EventKind::JobSucceeded, other_id) == 1));
+    assert!(wait_until(Duration::from_secs(30), || fleet
+        .count(EventKind::JobSucceeded, other_id)
+        == 1));
 }

@@ -2,6 +2,10 @@
 //!
 //! The broker restart disturbs every connection on the broker, so this file's tests take
 //! turns (one lock), and other test files must tolerate reconnecting workers.
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests fail loudly on the first surprise"
+)]
 
 mod common;
 

@@ -179,10 +179,11 @@ fn done_marker_args() -> FieldTable {
 /// The claims channel of the current session, opened on first use.
 async fn open(link: &Link, slot: &mut Option<(u64, Channel)>) -> Result<Channel, BrokerError> {
     let session: Arc<Session> = link.current().ok_or(BrokerError::ConnectionLost)?;
-    if let Some((generation, ch)) = slot.as_ref() {
-        if *generation == session.generation && ch.status().connected() {
-            return Ok(ch.clone());
-        }
+    if let Some((generation, ch)) = slot.as_ref()
+        && *generation == session.generation
+        && ch.status().connected()
+    {
+        return Ok(ch.clone());
     }
     let ch = session.channel().await?;
     *slot = Some((session.generation, ch.clone()));

@@ -13,11 +13,13 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use super::BrokerError;
 use super::Link;
 use super::claim::{Claim, Claims};
 use super::control::Cancellations;
 use super::ledger::{Begin, Finished, Held, Ledger, Run};
 use super::message::{self, HEADER_ATTEMPTS, HEADER_CONTINUATION, HEADER_REASON};
+use super::names::JOB_ROUTING_KEY;
 use super::outbox::Outbox;
 use super::worker::WorkerConfig;
 use crate::events::{Event, EventData, EventKind, EventSink, JobResult, Rejection};
@@ -41,6 +43,12 @@ impl Intake {
             Ok(job) => job,
             Err(rejected) => return self.reject(&d, &rejected).await,
         };
+        // A job naming a hypervisor goes to that hypervisor's queue, whose consumer keeps to its
+        // limit. Jobs giving a URI run from the shared queue.
+        let shared = d.routing_key.as_str() == JOB_ROUTING_KEY;
+        if shared && !job.hypervisor.contains("://") && self.forward(&d, &job.hypervisor).await {
+            return;
+        }
         let id = job.id;
         let attempt = message::attempt(&d.properties);
         // Copies that may have a history: redeliveries and hand-over copies.
@@ -259,6 +267,28 @@ impl Intake {
     }
 
     /// A message that is no job: a `job.rejected` event, then the dead queue with the reason.
+    /// Moves a delivery to the queue of hypervisor `name`. `false` when no worker serves that
+    /// hypervisor (its queue does not exist): the job then runs here and is rejected for naming
+    /// an unknown hypervisor.
+    async fn forward(&self, d: &Delivery, name: &str) -> bool {
+        let names = self.link.names();
+        let mut msg = message::copy(&names.jobs_exchange, &d.properties, &d.data, &[]);
+        msg.routing_key = super::names::hypervisor_key(name);
+        match self.outbox.confirmed(msg).await {
+            Ok(()) => {
+                debug!(hypervisor = %name, "job moved to its hypervisor's queue");
+                settle(&name, &d.acker).await;
+                true
+            }
+            Err(BrokerError::Unroutable { .. }) => false,
+            Err(e) => {
+                warn!(hypervisor = %name, error = %crate::pipeline::chain(&e), "cannot move job; returning it");
+                hand_back(&name, &d.acker).await;
+                true
+            }
+        }
+    }
+
     async fn reject(&self, d: &Delivery, rejected: &RejectedJob) {
         let names = self.link.names();
         let small = d.data.len() <= self.config.limits.message_bytes;

@@ -83,12 +83,20 @@ pub struct Finished {
     pub batch_size: Option<u32>,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per job, a few thousand at most"
+)]
 pub enum Entry {
     Running(Arc<Run>),
     Finished(Finished),
 }
 
 /// What [`Ledger::begin`] found.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per job, a few thousand at most"
+)]
 pub enum Begin {
     /// Nothing known: the caller now runs the job.
     New(Arc<Run>),
@@ -154,10 +162,10 @@ impl Ledger {
         };
         state.finished.push_back(id);
         while state.finished.len() > FINISHED_KEPT {
-            if let Some(old) = state.finished.pop_front() {
-                if matches!(state.entries.get(&old), Some(Entry::Finished(_))) {
-                    state.entries.remove(&old);
-                }
+            if let Some(old) = state.finished.pop_front()
+                && matches!(state.entries.get(&old), Some(Entry::Finished(_)))
+            {
+                state.entries.remove(&old);
             }
         }
         held

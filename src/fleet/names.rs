@@ -28,6 +28,11 @@ pub struct Names {
 /// The routing key jobs travel with on the jobs exchange.
 pub const JOB_ROUTING_KEY: &str = "job";
 
+/// The routing key of jobs for configured hypervisor `name`.
+pub fn hypervisor_key(name: &str) -> String {
+    format!("hv.{name}")
+}
+
 impl Names {
     pub fn new(prefix: &str) -> Self {
         let n = |suffix: &str| format!("{prefix}.{suffix}");
@@ -48,6 +53,12 @@ impl Names {
     /// The exclusive queue whose existence says that a live worker runs `job`.
     pub fn claim(&self, job: Uuid) -> String {
         format!("{}.claim.{job}", self.prefix)
+    }
+
+    /// The queue of the jobs for configured hypervisor `name`, whose one active consumer takes
+    /// at most the hypervisor's limit at a time.
+    pub fn hypervisor_queue(&self, name: &str) -> String {
+        format!("{}.jobs.{name}", self.prefix)
     }
 
     /// The durable queue holding the final event of `job`, left for late copies of it.

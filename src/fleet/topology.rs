@@ -69,6 +69,31 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// Declares the queue of configured hypervisor `name`. One consumer at a time (single active
+/// consumer) with a prefetch of the hypervisor's limit keeps the fleet within that limit, and
+/// when that worker dies the broker hands the queue, and the jobs it held, to another.
+pub async fn declare_hypervisor(
+    ch: &Channel,
+    names: &Names,
+    name: &str,
+) -> Result<(), BrokerError> {
+    let queue_name = names.hypervisor_queue(name);
+    let mut args = table(&[("x-queue-type", "quorum")]);
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        string(&names.dead_exchange),
+    );
+    queue(ch, &queue_name, args).await?;
+    bind(
+        ch,
+        &queue_name,
+        &names.jobs_exchange,
+        &super::names::hypervisor_key(name),
+    )
+    .await
+}
+
 async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
     let options = ExchangeDeclareOptions {
         durable: true,

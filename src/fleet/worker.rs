@@ -39,6 +39,9 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// This worker's name, in logs, events' `source`, and hand-over headers.
     pub name: String,
+    /// Configured hypervisors this worker serves, with the most jobs each may run at once
+    /// across the fleet; each has its own queue.
+    pub hypervisors: Vec<(String, u16)>,
 }
 
 impl WorkerConfig {
@@ -93,12 +96,25 @@ pub async fn run(link: Link, pipeline: Pipeline, config: WorkerConfig, stop: Can
         tracker: TaskTracker::new(),
         abort: CancellationToken::new(),
     };
-    // The consumer's channel stays open through the drain: closing it would return the
-    // deliveries of the jobs still finishing.
-    let channel = consume(&link, &intake, &tasks, &config, &stop).await;
+    // One consumer for the shared queue, one per served hypervisor. Their channels stay open
+    // through the drain: closing one would return the deliveries of the jobs still finishing.
+    let mut sources = vec![Source {
+        hypervisor: None,
+        prefetch: config.concurrency,
+    }];
+    for (name, limit) in &config.hypervisors {
+        sources.push(Source {
+            hypervisor: Some(name.clone()),
+            prefetch: *limit,
+        });
+    }
+    let consumers = sources
+        .iter()
+        .map(|source| consume(&link, &intake, &tasks, source, &stop));
+    let channels = futures_util::future::join_all(consumers).await;
 
     drain(&intake, &tasks, config.grace).await;
-    if let Some(ch) = channel {
+    for ch in channels.into_iter().flatten() {
         let _ = ch.close(200, "worker stopping".into()).await;
     }
     if !outbox.flush(Duration::from_secs(10)).await {
@@ -107,12 +123,19 @@ pub async fn run(link: Link, pipeline: Pipeline, config: WorkerConfig, stop: Can
     link.close().await;
 }
 
+/// A queue this worker takes jobs from.
+struct Source {
+    /// `None` for the shared jobs queue; a configured hypervisor's name for its own queue.
+    hypervisor: Option<String>,
+    prefetch: u16,
+}
+
 /// Takes deliveries until `stop`, on each session in turn.
 async fn consume(
     link: &Link,
     intake: &Arc<Intake>,
     tasks: &Tasks,
-    config: &WorkerConfig,
+    source: &Source,
     stop: &CancellationToken,
 ) -> Option<Channel> {
     let mut last_generation = 0;
@@ -127,7 +150,7 @@ async fn consume(
         }
         last_generation = session.generation;
 
-        match consume_session(&session, intake, tasks, config, stop).await {
+        match consume_session(&session, intake, tasks, source, stop).await {
             Ok(ch) => return Some(ch),
             Err(e) => {
                 warn!(error = %crate::pipeline::chain(&e), "job consumer interrupted; resuming");
@@ -142,12 +165,19 @@ async fn consume_session(
     session: &Arc<Session>,
     intake: &Arc<Intake>,
     tasks: &Tasks,
-    config: &WorkerConfig,
+    source: &Source,
     stop: &CancellationToken,
 ) -> Result<Channel, BrokerError> {
-    let queue = intake.link.names().jobs_queue.clone();
+    let names = intake.link.names();
     let ch = session.channel().await?;
-    let count = config.concurrency;
+    let queue = match &source.hypervisor {
+        None => names.jobs_queue.clone(),
+        Some(name) => {
+            super::topology::declare_hypervisor(&ch, names, name).await?;
+            names.hypervisor_queue(name)
+        }
+    };
+    let count = source.prefetch;
     ch.basic_qos(count, BasicQosOptions::default())
         .await
         .map_err(|source| BrokerError::Qos { count, source })?;

@@ -404,7 +404,8 @@ pub fn waiting_job(fleet: &Fleet, name: &str, finish_secs: u64) -> serde_json::V
     let p = &mut job["provision"];
     // Port 1 on loopback: nothing listens, nothing outside the machine is reached.
     p["address"] = serde_json::json!({ "source": "static", "ip": "127.0.0.1", "port": 1 });
-    p["finish"] = serde_json::json!({ "user": "root", "password": "not-a-secret", "script": "true" });
+    p["finish"] =
+        serde_json::json!({ "user": "root", "password": "not-a-secret", "script": "true" });
     p["timeouts"] = serde_json::json!({ "finish_secs": finish_secs });
     job
 }
