@@ -83,7 +83,16 @@ fn check_trusts_the_configured_ca_and_refuses_the_broker_without_it() {
     assert_eq!(code, 1, "{report}");
     assert!(broker_line(&report).contains("FAILED"), "{report}");
 
-    // A CA file that holds no certificate is named, not passed on as an empty trust list.
+    // A CA file that is not there, or holds no certificate, is named; the latter is not
+    // passed on as an empty trust list.
+    let missing = proxy.dir.path().join("missing.pem");
+    let (code, report) = check(&fleet, &proxy.url("127.0.0.1"), Some(&missing));
+    assert_eq!(code, 1, "{report}");
+    let line = broker_line(&report);
+    assert!(
+        line.contains("cannot read") && line.contains("missing.pem"),
+        "{line}"
+    );
     let junk = proxy.dir.path().join("junk.pem");
     std::fs::write(&junk, "not a certificate\n").unwrap();
     let (code, report) = check(&fleet, &proxy.url("127.0.0.1"), Some(&junk));
