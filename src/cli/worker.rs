@@ -110,6 +110,9 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         park_delay: args.park_delay,
         limits: file.settings().limits,
         name: name.clone(),
+        hypervisors: (file.hypervisors.iter())
+            .map(|(name, hv)| (name.clone(), hv.concurrency))
+            .collect(),
     };
     anyhow::ensure!(
         !config.ack_timeout.is_zero(),

@@ -25,8 +25,21 @@ impl TestHost {
         Self::with_volumes("")
     }
 
+    /// A host whose base is 16 MiB, for tests that make more overlays than the test driver's
+    /// fixed 100 GiB pool holds at the usual base size.
+    pub fn small() -> Self {
+        Self::build("", "<capacity unit='MiB'>16</capacity>")
+    }
+
     /// A host whose pool also holds the given `<volume>` elements.
     pub fn with_volumes(extra: &str) -> Self {
+        Self::build(
+            extra,
+            &format!("<capacity unit='GiB'>{BASE_GIB}</capacity>"),
+        )
+    }
+
+    fn build(extra: &str, base_capacity: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let pool_dir = dir.path().join("pool");
         std::fs::create_dir(&pool_dir).expect("pool dir");
@@ -39,7 +52,7 @@ impl TestHost {
     <ip address='192.0.2.1' netmask='255.255.255.0'>
       <dhcp><range start='192.0.2.10' end='192.0.2.20'/></dhcp></ip></network>
   <pool type='dir'><name>{POOL}</name><target><path>{pool}</path></target>
-    <volume type='file'><name>{BASE}</name><capacity unit='GiB'>{BASE_GIB}</capacity>
+    <volume type='file'><name>{BASE}</name>{base_capacity}
       <target><format type='qcow2'/></target></volume>
     {extra}
   </pool>
