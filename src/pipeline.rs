@@ -22,7 +22,7 @@ use crate::stages::domain::{self, Domain};
 use crate::stages::finish::Finish;
 use crate::stages::overlay::Overlay;
 use crate::stages::teardown::Teardown;
-use crate::stages::{JobRun, Refusal, Stage, StageError, StageKind, rollback};
+use crate::stages::{ErrorClass, JobRun, Refusal, Stage, StageError, StageKind, rollback};
 
 /// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +214,7 @@ impl Pipeline {
 
     /// Rolls back what a failed job made, unless it asked to keep it, and says how it ended.
     async fn fail(&self, cx: &JobRun, f: StageFailure) -> (Outcome, Option<Failure>, Option<bool>) {
-        let cancelled = matches!(f.error, StageError::Cancelled);
+        let cancelled = f.error.class() == ErrorClass::Cancelled;
         let outcome = if cancelled {
             Outcome::Cancelled
         } else {

@@ -135,6 +135,15 @@ pub fn wait_for_sshd(
     wait::until_banner(addr, None, deadline, cancel)
 }
 
+/// Like [`wait_for_sshd`], without holding a thread while it waits; direct connections only.
+pub async fn wait_for_sshd_async(
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> Result<(), SshError> {
+    wait::until_banner_async(addr, deadline, cancel).await
+}
+
 /// Like [`wait_for_sshd`], probing through `jump` when one is given.
 pub fn wait_for_sshd_via(
     addr: SocketAddr,

@@ -101,6 +101,63 @@ fn probe_via(jump: &JumpHost, addr: SocketAddr, timeout: Duration) -> io::Result
     Tunnel::open(jump, addr, timeout)?.banner(timeout)
 }
 
+/// The async form of [`until_banner`] for direct connections: a job waiting for its guest's
+/// sshd holds no thread, so hundreds can wait at once for the memory of a few.
+pub(super) async fn until_banner_async(
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> Result<(), SshError> {
+    use tokio::io::AsyncBufReadExt;
+
+    let started = tokio::time::Instant::now();
+    let mut last_error = None;
+    loop {
+        let probe = async {
+            use tokio::io::AsyncReadExt as _;
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let mut reader = tokio::io::BufReader::new(stream.take(MAX_BANNER_BYTES));
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                if reader.read_until(b'\n', &mut line).await? == 0 {
+                    return Ok::<bool, io::Error>(false);
+                }
+                if line.starts_with(b"SSH-") {
+                    return Ok(true);
+                }
+            }
+        };
+        let until = deadline.min(tokio::time::Instant::now() + PROBE_TIMEOUT);
+        let result = tokio::select! {
+            r = tokio::time::timeout_at(until, probe) => r.unwrap_or_else(|_| {
+                Err(io::Error::from(io::ErrorKind::TimedOut))
+            }),
+            () = cancel.cancelled() => return Err(SshError::Cancelled),
+        };
+        match result {
+            Ok(true) => return Ok(()),
+            Ok(false) => tracing::trace!(%addr, "peer answered without an ssh banner"),
+            Err(error) => {
+                tracing::trace!(%addr, error = %error, "sshd not reachable yet");
+                last_error = Some(error);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let waited = started.elapsed();
+            return Err(SshError::SshdNotReady {
+                addr,
+                waited,
+                last: last_error,
+            });
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = cancel.cancelled() => return Err(SshError::Cancelled),
+        }
+    }
+}
+
 /// Sleeps for `duration` in short slices; `false` when `cancel` fired meanwhile.
 pub(super) fn pause(duration: Duration, cancel: &CancellationToken) -> bool {
     const SLICE: Duration = Duration::from_millis(20);

@@ -39,10 +39,18 @@ impl Stage for Finish {
         let deadline = cx.deadline.into_std();
         let cancel = cx.cancel.clone();
 
-        // ssh2 blocks, so the whole exchange runs on the blocking pool; cancellation reaches it
+        // Waiting for a booting guest holds no thread; through a jump host each probe is an
+        // `ssh` process, so that wait runs with the session below.
+        if target.jump.is_none() {
+            guest::wait_for_sshd_async(addr, cx.deadline, &cancel).await?;
+        }
+
+        // ssh2 blocks, so the session runs on the blocking pool; cancellation reaches it
         // through the token, which its polling loops check.
         let outcome = blocking(move || {
-            guest::wait_for_sshd_via(addr, target.jump.as_ref(), deadline, &cancel)?;
+            if target.jump.is_some() {
+                guest::wait_for_sshd_via(addr, target.jump.as_ref(), deadline, &cancel)?;
+            }
             let script = FinishScript {
                 job_id,
                 body: &spec.script,
