@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub reconcile_every: Option<Duration>,
     /// Whether that check removes what it finds, rather than only reporting it.
     pub reconcile_apply: bool,
+    /// Whether jobs may give `test:` URIs (libvirt's test driver, for trials and tests).
+    pub allow_test_driver: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +174,7 @@ impl Default for WorkerConfig {
             serial_log_dir: None,
             reconcile_every: None,
             reconcile_apply: false,
+            allow_test_driver: false,
         }
     }
 }
@@ -359,6 +362,7 @@ impl Config {
             console_listen: self.worker.console_listen,
             hypervisors,
             jump_hosts,
+            allow_test_driver: self.worker.allow_test_driver,
             key_dir: self.secrets.key_dir.clone(),
             serial_log_dir: self.worker.serial_log_dir.clone(),
             limits: Limits {

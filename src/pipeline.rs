@@ -108,23 +108,21 @@ impl Pipeline {
     ) -> Outcome {
         let subject = job.id.to_string();
         let batch = job.batch.as_ref().map(|b| b.id.as_str());
-        let Some(uri) = self
-            .settings
-            .resolve_hypervisor(&job.hypervisor)
-            .map(str::to_owned)
-        else {
-            let refusal = Refusal::UnknownHypervisor(job.hypervisor.clone());
-            warn!(error = %refusal, "job rejected");
-            let data = EventData::Rejected(Rejection {
-                reason: "unknown_hypervisor".to_owned(),
-                message: refusal.to_string(),
-                problems: Vec::new(),
-            });
-            let event = self
-                .publisher
-                .event(EventKind::JobRejected, &subject, batch, "", data);
-            sink.emit(event).await;
-            return Outcome::Rejected;
+        let uri = match self.resolve(&job.hypervisor) {
+            Ok(uri) => uri,
+            Err((refusal, reason)) => {
+                warn!(error = %refusal, "job rejected");
+                let data = EventData::Rejected(Rejection {
+                    reason: reason.to_owned(),
+                    message: refusal.to_string(),
+                    problems: Vec::new(),
+                });
+                let event = self
+                    .publisher
+                    .event(EventKind::JobRejected, &subject, batch, "", data);
+                sink.emit(event).await;
+                return Outcome::Rejected;
+            }
         };
 
         let action = match job.work {
@@ -210,6 +208,20 @@ impl Pipeline {
         )
         .await;
         outcome
+    }
+
+    /// The libvirt URI a job's `hypervisor` stands for, or why the job cannot have it.
+    fn resolve(&self, hypervisor: &str) -> Result<String, (Refusal, &'static str)> {
+        let Some(uri) = self.settings.resolve_hypervisor(hypervisor) else {
+            let refusal = Refusal::UnknownHypervisor(hypervisor.to_owned());
+            return Err((refusal, "unknown_hypervisor"));
+        };
+        // A test driver URI names a file on the worker; only its operator may allow that.
+        if hypervisor.starts_with("test:") && !self.settings.allow_test_driver {
+            let refusal = Refusal::TestDriverDisabled(hypervisor.to_owned());
+            return Err((refusal, "test_driver_disabled"));
+        }
+        Ok(uri.to_owned())
     }
 
     /// Rolls back what a failed job made, unless it asked to keep it, and says how it ended.

@@ -17,6 +17,9 @@ pub struct Settings {
     pub console_listen: IpAddr,
     /// Named hypervisors a job may refer to instead of giving a URI.
     pub hypervisors: HashMap<String, String>,
+    /// Whether jobs may give `test:` URIs of libvirt's test driver, which read a file of the
+    /// worker's choosing; configured hypervisors may always be test drivers.
+    pub allow_test_driver: bool,
     /// Hypervisors (by URI) whose guests are reached through an SSH jump host.
     pub jump_hosts: HashMap<String, JumpHost>,
     /// Directory of private keys that jobs may name with `key_name`.
@@ -56,6 +59,7 @@ impl Default for Settings {
             console_listen: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             hypervisors: HashMap::new(),
             jump_hosts: HashMap::new(),
+            allow_test_driver: false,
             key_dir: None,
             serial_log_dir: None,
             limits: Limits::default(),

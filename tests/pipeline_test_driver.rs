@@ -56,8 +56,16 @@ impl Collect {
     }
 }
 
+/// The settings of a worker that takes test-driver URIs from jobs, as these tests' jobs give.
+fn test_settings() -> Settings {
+    Settings {
+        allow_test_driver: true,
+        ..Settings::default()
+    }
+}
+
 fn pipeline() -> Pipeline {
-    Pipeline::new(Settings::default(), Publisher::new("test"))
+    Pipeline::new(test_settings(), Publisher::new("test"))
 }
 
 async fn run(p: &Pipeline, job: Job) -> (Outcome, Collect) {
@@ -415,6 +423,18 @@ async fn deprovision_refuses_a_domain_hatchery_did_not_make() {
 }
 
 #[tokio::test]
+async fn a_test_driver_uri_from_a_job_is_refused_unless_allowed() {
+    let host = TestHost::new();
+    let p = Pipeline::new(Settings::default(), Publisher::new("test"));
+    let (outcome, events) = run(&p, jobs::parse(&jobs::provision(&host.uri, "t"))).await;
+    assert_eq!(outcome, Outcome::Rejected);
+    let EventData::Rejected(rejection) = &events.last().data else {
+        panic!("not a rejection")
+    };
+    assert_eq!(rejection.reason, "test_driver_disabled");
+}
+
+#[tokio::test]
 async fn an_unknown_hypervisor_name_is_rejected() {
     let p = pipeline();
     let mut doc = jobs::provision("test:///default", "nowhere");
@@ -576,6 +596,7 @@ async fn named_keys_come_from_the_key_directory_or_the_environment() {
     let keys = tempfile::tempdir().unwrap();
     std::fs::write(keys.path().join("fleet"), &key.private).unwrap();
     let settings = Settings {
+        allow_test_driver: true,
         key_dir: Some(keys.path().to_owned()),
         ..Settings::default()
     };
@@ -642,6 +663,7 @@ async fn the_finish_step_can_hop_through_the_hypervisor() {
     jump.identity = Some(identity);
     jump.known_hosts = Some(known.clone());
     let mut settings = Settings {
+        allow_test_driver: true,
         key_dir: Some(files.path().to_owned()),
         ..Settings::default()
     };

@@ -74,6 +74,7 @@ fn assert_nothing_leaked(what: &str, text: &str) {
 
 fn pipeline() -> Pipeline {
     let settings = Settings {
+        allow_test_driver: true,
         retry: RetryPolicy {
             initial_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(50),

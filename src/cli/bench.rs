@@ -254,6 +254,7 @@ fn start_worker(url: &str, prefix: &str, concurrency: u16) -> anyhow::Result<Wor
             &concurrency.to_string(),
         ])
         .args(["--grace", "0s", "--name", "bench"])
+        .args(["--set", "worker.allow_test_driver=true"])
         .env("HATCHERY_AMQP_URL", url)
         .env("RUST_LOG", "warn,lapin=off")
         .stdout(Stdio::null())

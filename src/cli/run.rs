@@ -46,6 +46,8 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         console_listen: args.console_listen,
         key_dir: args.key_dir,
         serial_log_dir: args.serial_log_dir,
+        // `run` is a local tool: its user chose the job file and the hypervisor.
+        allow_test_driver: true,
         ..Settings::default()
     };
     let pipeline = Pipeline::new(settings, Publisher::new(&hostname()));

@@ -74,6 +74,8 @@ pub enum Refusal {
     MadeUpAddress { uri: String, ip: std::net::IpAddr },
     #[error("unknown hypervisor `{0}`: not a libvirt URI nor a configured name")]
     UnknownHypervisor(String),
+    #[error("hypervisor `{0}` is libvirt's test driver, which this worker does not take from jobs")]
+    TestDriverDisabled(String),
     #[error("key `{0}` is neither in the worker's key directory nor in its environment")]
     UnknownKey(String),
 }

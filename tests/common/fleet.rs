@@ -90,6 +90,8 @@ impl Fleet {
     pub fn worker(&self, name: &str, extra: &[&str]) -> WorkerProcess {
         let log = self.dir.path().join(format!("{name}.log"));
         let mut cmd = self.hatchery(&["worker", "--name", name]);
+        // The fleet tests' jobs give test-driver URIs of their own.
+        cmd.args(["--set", "worker.allow_test_driver=true"]);
         cmd.args(extra)
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
