@@ -140,19 +140,25 @@ fn a_worker_killed_after_each_stage_leaves_one_guest_and_one_run_of_the_script()
     let name = "crash-between";
     let id = f.submit(&f.job(name, COUNTING_SCRIPT));
 
-    for stage in [StageKind::Overlay, StageKind::Domain, StageKind::Address] {
+    // After finish, the kill lands before or after the final event's publication: the next
+    // run finds the script collected and reports the outcome again, under the same event id.
+    let stages = [
+        StageKind::Overlay,
+        StageKind::Domain,
+        StageKind::Address,
+        StageKind::Finish,
+    ];
+    for stage in stages {
         let passed = f.wait_stage(&id, EventKind::StageSucceeded, stage, 0, STAGE);
         assert!(passed, "{stage} never succeeded\n{}", workers.logs());
         workers.kill_and_restart();
     }
 
     let last = assert_finished_once(&f, &workers, &id, name);
-    let r = result(&last);
-    assert_eq!(r.attempt, 4, "three deliveries died with their worker");
-    assert!(
-        !r.finish.as_ref().unwrap().resumed,
-        "the last run started the script"
-    );
+    assert_eq!(result(&last).finish.as_ref().unwrap().exit_code, 0);
+    // Each kill before the outcome handed the job to the next worker, which ran it again.
+    let runs = f.fleet.count(EventKind::JobStarted, &id);
+    assert!(runs >= 4, "{runs} runs\n{}", workers.logs());
     clean_up(&f, &[name]);
 }
 

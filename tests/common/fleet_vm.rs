@@ -241,10 +241,11 @@ impl VmFleet {
             "volumes left behind"
         );
         let names = &self.fleet.names;
-        for queue in [&names.jobs_queue, &names.delay_queue] {
+        let hypervisor_queue = names.hypervisor_queue(HYPERVISOR);
+        for queue in [&names.jobs_queue, &names.delay_queue, &hypervisor_queue] {
+            let empty = || matches!(self.fleet.queue_len(queue), None | Some(0));
             assert!(
-                wait_until(Duration::from_secs(10), || self.fleet.queue_len(queue)
-                    == Some(0)),
+                wait_until(Duration::from_secs(10), empty),
                 "messages left in {queue}"
             );
         }
@@ -324,6 +325,25 @@ impl VmFleet {
             "overlay of {name} left"
         );
         last
+    }
+}
+
+impl Drop for VmFleet {
+    /// Removes the hypervisor's jobs queue, which the fleet's own clean-up does not know.
+    fn drop(&mut self) {
+        let queue = self.fleet.names.hypervisor_queue(HYPERVISOR);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = rt.block_on(async {
+            let props = lapin::ConnectionProperties::default();
+            let conn = lapin::Connection::connect(super::fleet::URL, props).await?;
+            let ch = conn.create_channel().await?;
+            let options = lapin::options::QueueDeleteOptions::default();
+            ch.queue_delete(queue.as_str().into(), options).await?;
+            conn.close(200, "".into()).await
+        });
     }
 }
 
