@@ -131,7 +131,19 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut publisher = Publisher::new(&name);
     publisher.prefix.clone_from(&file.events.prefix);
     let pipeline = Pipeline::new(settings, publisher);
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // Each job holds a blocking thread only while it talks to libvirt or runs its SSH session;
+    // the pool needs one per job that can do so at once, plus slack, and no more: idle
+    // threads and their allocator arenas are most of a busy worker's memory.
+    let hypervisor_slots: usize = config
+        .hypervisors
+        .iter()
+        .map(|(_, n)| usize::from(*n))
+        .sum();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(usize::from(config.concurrency) + hypervisor_slots + 16)
+        .build()
+        .context("cannot start the async runtime")?;
 
     runtime.block_on(async move {
         let stop = CancellationToken::new();
