@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use hatchery::events::{Event, EventKind};
+use hatchery::events::{Event, EventData, EventKind};
 use hatchery::stages::StageKind;
 
 use common::fleet::{WorkerProcess, rabbitmqctl};
@@ -253,11 +253,17 @@ fn a_dropped_ssh_connection_while_the_script_runs_is_resumed_not_rerun() {
 }
 
 /// Submits one job per name as a batch, runs `fault` once the first guest is defined and
-/// started, then checks that every job finished once.
-fn batch_survives(f: &VmFleet, names: &[&str], fault: impl FnOnce()) {
+/// started, then checks that every job finished once and the batch completed. Returns the
+/// workers' logs.
+fn batch_survives(f: &VmFleet, names: &[&str], fault: impl FnOnce()) -> String {
     let workers = Workers::start(f, &["--concurrency", "3"]);
+    let batch = uuid::Uuid::new_v4().to_string();
     let ids: Vec<String> = (names.iter())
-        .map(|n| f.submit(&f.job(n, COUNTING_SCRIPT)))
+        .map(|n| {
+            let mut job = f.job(n, COUNTING_SCRIPT);
+            job["batch"] = serde_json::json!({ "id": batch, "size": names.len() });
+            f.submit(&job)
+        })
         .collect();
     let domain_up = || {
         (ids.iter()).any(|id| f.stage_events(id, EventKind::StageSucceeded, StageKind::Domain) > 0)
@@ -269,7 +275,23 @@ fn batch_survives(f: &VmFleet, names: &[&str], fault: impl FnOnce()) {
     for (id, name) in ids.iter().zip(names) {
         assert_finished_once(f, &workers, id, name);
     }
+    let completed = || {
+        let events = f.fleet.events();
+        let mut summaries = events.iter().filter_map(|e| match &e.data {
+            EventData::Batch(b) if b.batch_id == batch => Some(b.clone()),
+            _ => None,
+        });
+        summaries.next()
+    };
+    assert!(
+        wait_until(STAGE, || completed().is_some()),
+        "{}",
+        workers.logs()
+    );
+    let summary = completed().unwrap();
+    assert_eq!(summary.succeeded as usize, names.len(), "{summary:?}");
     clean_up(f, names);
+    workers.logs()
 }
 
 #[test]
@@ -294,9 +316,13 @@ fn libvirtd_restarted_under_a_batch_every_job_succeeds() {
 fn rabbitmq_restarted_under_a_batch_every_job_succeeds() {
     let _turn = one_at_a_time();
     let f = VmFleet::new();
-    batch_survives(&f, &["rabbit-1", "rabbit-2", "rabbit-3"], || {
+    let logs = batch_survives(&f, &["rabbit-1", "rabbit-2", "rabbit-3"], || {
         rabbitmqctl(&["stop_app"]);
         std::thread::sleep(Duration::from_secs(2));
         rabbitmqctl(&["start_app"]);
     });
+    assert!(
+        logs.contains("reconnecting"),
+        "the worker never lost the broker\n{logs}"
+    );
 }
