@@ -11,18 +11,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::Channel;
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::submit::publish;
 use super::worker::BrokerArgs;
 use crate::events::{Event, EventKind};
-use crate::fleet::{Names, message, topology};
+use crate::fleet::{Names, message};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -71,7 +69,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         dead_queue: None,
     };
     let (conn, ch, names) = super::submit::open(&broker, "bench").await?;
-    let mut events = listen(&conn, &names).await?;
+    let wanted = |k: EventKind| k.is_final() || k == EventKind::StageStarted;
+    let mut events = super::submit::listen(&conn, &names, wanted).await?;
 
     let concurrency = args.concurrency.max(args.in_flight);
     let worker = start_worker(&args.amqp_url, &prefix, concurrency)?;
@@ -286,31 +285,6 @@ async fn wait_for_consumer(ch: &Channel, names: &Names) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("the worker did not start consuming within 30 s")
-}
-
-async fn listen(conn: &Connection, names: &Names) -> anyhow::Result<lapin::Consumer> {
-    let ch = conn
-        .create_channel()
-        .await
-        .context("cannot open a channel")?;
-    let queue = topology::private_queue(&ch).await?;
-    for kind in EventKind::ALL
-        .into_iter()
-        .filter(|k| k.is_final() || *k == EventKind::StageStarted)
-    {
-        topology::bind(&ch, &queue, &names.events_exchange, kind.routing_key()).await?;
-    }
-    let options = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let consumer = ch.basic_consume(
-        queue.as_str().into(),
-        "".into(),
-        options,
-        FieldTable::default(),
-    );
-    consumer.await.context("cannot consume events")
 }
 
 async fn next_event(events: &mut lapin::Consumer) -> anyhow::Result<(EventKind, String)> {

@@ -109,7 +109,12 @@ async fn submit(
 
     // Listen before publishing, so that no event of a fast job is missed.
     let events = if args.wait {
-        Some(listen(&conn, &names).await?)
+        Some(
+            listen(&conn, &names, |k| {
+                k.is_final() || k == EventKind::BatchCompleted
+            })
+            .await?,
+        )
     } else {
         None
     };
@@ -149,17 +154,18 @@ async fn submit(
     Ok(code)
 }
 
-/// A private queue bound to the final events and batch completions.
-async fn listen(conn: &Connection, names: &Names) -> anyhow::Result<lapin::Consumer> {
+/// A private queue bound to the events whose kinds pass `wanted`, consumed without acks.
+pub(super) async fn listen(
+    conn: &Connection,
+    names: &Names,
+    wanted: impl Fn(EventKind) -> bool,
+) -> anyhow::Result<lapin::Consumer> {
     let ch = conn
         .create_channel()
         .await
         .context("cannot open a channel")?;
     let queue = topology::private_queue(&ch).await?;
-    for kind in EventKind::ALL
-        .into_iter()
-        .filter(|k| k.is_final() || *k == EventKind::BatchCompleted)
-    {
+    for kind in EventKind::ALL.into_iter().filter(|k| wanted(*k)) {
         topology::bind(&ch, &queue, &names.events_exchange, kind.routing_key()).await?;
     }
     let options = BasicConsumeOptions {
