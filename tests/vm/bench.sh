@@ -268,7 +268,7 @@ cleanup() {
   wait 2>/dev/null || true
   for ((i = 1; i <= RUNS; i++)); do remove_plain "bench-p$i"; done
   if [[ -n ${PREFIX:-} ]]; then
-    for q in jobs dead delay batches cancellations; do
+    for q in jobs jobs.e2e dead delay batches cancellations; do
       rabbitmqctl -q delete_queue "$PREFIX.$q" >/dev/null 2>&1 || true
     done
   fi
