@@ -171,7 +171,13 @@ async fn consume_session(
     let names = intake.link.names();
     let ch = session.channel().await?;
     let queue = match &source.hypervisor {
-        None => names.jobs_queue.clone(),
+        None => {
+            // The hypervisors' queues exist before the first job is moved to one of them.
+            for (name, _) in &intake.config.hypervisors {
+                super::topology::declare_hypervisor(&ch, names, name).await?;
+            }
+            names.jobs_queue.clone()
+        }
         Some(name) => {
             super::topology::declare_hypervisor(&ch, names, name).await?;
             names.hypervisor_queue(name)

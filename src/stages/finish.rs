@@ -62,6 +62,9 @@ impl Stage for Finish {
         })
         .await?;
 
+        // FIXME: a worker that dies after collecting the result but before the final event is
+        // published leaves only the exit status on the guest; the redelivered job then reports
+        // that status with empty output tails.
         let code = outcome.exit_code;
         info!(
             exit_code = code,
