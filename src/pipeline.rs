@@ -281,7 +281,10 @@ impl Pipeline {
         };
 
         let (timeout, backstop) = self.timeouts(stage, cx);
-        let mut delays = self.settings.retry.delays();
+        let job_retry = cx.job.provision().and_then(|p| p.retry.clone());
+        let policy = self.settings.retry.with_overrides(job_retry.as_ref());
+        let retry_scripts = job_retry.is_some_and(|r| r.script_failures);
+        let mut delays = policy.delays();
         let first = Instant::now();
         let mut attempt = 1;
         loop {
@@ -319,9 +322,15 @@ impl Pipeline {
             };
 
             // Retry only what may pass next time, and only within the policy's budget.
-            let delay = (error.is_transient() && first.elapsed() < self.settings.retry.max_elapsed)
+            // A failed script is retried only when the job asks; its next run starts afresh.
+            let script_failed = matches!(error, StageError::ScriptFailed { .. });
+            let retriable = error.is_transient() || (retry_scripts && script_failed);
+            let delay = (retriable && first.elapsed() < policy.max_elapsed)
                 .then(|| delays.next())
                 .flatten();
+            if delay.is_some() && script_failed {
+                cx.script_run += 1;
+            }
             let Some(delay) = delay else {
                 return Err(StageFailure { stage, error });
             };

@@ -27,6 +27,28 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// This policy with a job's overrides applied.
+    pub fn with_overrides(&self, spec: Option<&crate::job::RetrySpec>) -> Self {
+        let Some(spec) = spec else {
+            return self.clone();
+        };
+        let mut policy = self.clone();
+        if let Some(n) = spec.max_attempts {
+            policy.max_attempts = n;
+        }
+        if let Some(ms) = spec.initial_delay_ms {
+            policy.initial_delay = Duration::from_millis(ms);
+        }
+        if let Some(secs) = spec.max_delay_secs {
+            policy.max_delay = Duration::from_secs(secs);
+        }
+        if let Some(secs) = spec.max_elapsed_secs {
+            policy.max_elapsed = Duration::from_secs(secs);
+        }
+        policy.max_delay = policy.max_delay.max(policy.initial_delay);
+        policy
+    }
+
     /// The delays between attempts: each drawn uniformly from zero up to the exponential
     /// ceiling ("full jitter"), so that workers retrying the same failure spread out.
     pub fn delays(&self) -> Delays {

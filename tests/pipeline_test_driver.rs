@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use hatchery::events::{Event, EventData, EventKind, EventSink, Publisher};
 use hatchery::hypervisor::Op;
 use hatchery::hypervisor::metadata::JobState;
-use hatchery::job::Job;
+use hatchery::job::{Job, Work};
 use hatchery::pipeline::{Outcome, Pipeline};
 use hatchery::reconcile;
 use hatchery::settings::Settings;
@@ -692,4 +692,59 @@ async fn the_finish_step_can_hop_through_the_hypervisor() {
     std::fs::write(&known, "").unwrap();
     let (outcome, events) = run(&p, finishing_on(&host, "unhopped", &guest, "guest")).await;
     assert_eq!(outcome, Outcome::Failed, "{}", events.result());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_script_runs_again_only_when_the_job_asks() {
+    let host = TestHost::new();
+    let sshd = common::sshd::Sshd::start();
+    let key = common::sshd::generate_key("ed25519", "");
+    sshd.authorize(&key.public);
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("k"), &key.private).unwrap();
+    let counter = keys.path().join("runs");
+    std::fs::set_permissions(
+        keys.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let settings = Settings {
+        key_dir: Some(keys.path().to_owned()),
+        ..test_settings()
+    };
+    let p = Pipeline::new(settings, Publisher::new("test"));
+    // Fails on its first run, succeeds on any later one.
+    let script = format!(
+        "echo run >> {c}; [ \"$(wc -l < {c})\" -ge 2 ]",
+        c = counter.display()
+    );
+
+    let mut job = finishing_on(&host, "flaky-once", &sshd, "k");
+    if let Work::Provision(p) = &mut job.work {
+        p.finish.as_mut().unwrap().script = script.clone();
+    }
+    let (outcome, events) = run(&p, job).await;
+    assert_eq!(outcome, Outcome::Failed, "no retry unless asked");
+    assert_eq!(events.result()["failure"]["class"], "script_failed");
+
+    std::fs::remove_file(&counter).unwrap();
+    let mut doc = jobs::provision(&host.uri, "flaky-twice");
+    let (ip, port) = (sshd.addr().ip().to_string(), sshd.addr().port());
+    doc["provision"]["address"] = json!({ "source": "static", "ip": ip, "port": port });
+    doc["provision"]["finish"] =
+        json!({ "user": common::sshd::KEY_USER, "key_name": "k", "script": script });
+    doc["provision"]["retry"] =
+        json!({ "script_failures": true, "max_attempts": 3, "initial_delay_ms": 10 });
+    let (outcome, events) = run(&p, jobs::parse(&doc)).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{}", events.result());
+    assert!(events.kinds().contains(&EventKind::StageRetrying));
+    let finish = &events.result()["stages"][3];
+    assert_eq!(
+        (finish["stage"].as_str(), finish["attempts"].as_u64()),
+        (Some("finish"), Some(2))
+    );
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap().lines().count(),
+        2
+    );
 }

@@ -62,6 +62,26 @@ pub struct Provision {
     pub timeouts: StageTimeouts,
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Overrides of the worker's retry policy for this job.
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+}
+
+/// How this job's stages retry, where it differs from the worker's policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    pub initial_delay_ms: Option<u64>,
+    #[serde(default)]
+    pub max_delay_secs: Option<u64>,
+    #[serde(default)]
+    pub max_elapsed_secs: Option<u64>,
+    /// Run the finish script again (afresh) when it exits non-zero.
+    #[serde(default)]
+    pub script_failures: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

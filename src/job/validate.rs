@@ -128,6 +128,20 @@ impl Checker {
             self.finish(finish, limits);
         }
 
+        if let Some(r) = &p.retry {
+            let checks = [
+                ("max_attempts", r.max_attempts.map(u64::from), 1, 20),
+                ("initial_delay_ms", r.initial_delay_ms, 1, 60_000),
+                ("max_delay_secs", r.max_delay_secs, 1, 3_600),
+                ("max_elapsed_secs", r.max_elapsed_secs, 1, MAX_TIMEOUT_SECS),
+            ];
+            for (key, value, min, max) in checks {
+                if let Some(v) = value {
+                    self.range(&format!("/provision/retry/{key}"), v, min, max);
+                }
+            }
+        }
+
         let t = &p.timeouts;
         for (key, value) in [
             ("overlay_secs", t.overlay_secs),

@@ -33,7 +33,11 @@ impl Stage for Finish {
             pinned_host_key: spec.host_key.clone(),
             jump: cx.settings.jump_hosts.get(cx.hv.uri()).cloned(),
         };
-        let job_id = cx.job.id;
+        // The guest keeps one run per id: a rerun the job asked for gets an id of its own.
+        let job_id = match cx.script_run {
+            0 => cx.job.id,
+            n => uuid::Uuid::new_v5(&cx.job.id, format!("script-run-{n}").as_bytes()),
+        };
         let tail_bytes = cx.settings.limits.output_tail_bytes;
         let sudo = spec.sudo && spec.user != "root";
         let deadline = cx.deadline.into_std();

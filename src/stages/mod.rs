@@ -105,6 +105,8 @@ pub struct JobRun {
     pub attempt: u32,
     /// When the running stage must give up; set by the pipeline before each attempt.
     pub deadline: tokio::time::Instant,
+    /// How many times the finish script was run afresh after failing, on the job's request.
+    pub script_run: u32,
     pub facts: Facts,
 }
 
@@ -141,6 +143,7 @@ impl JobRun {
             cancel: CancellationToken::new(),
             attempt,
             deadline: tokio::time::Instant::now(),
+            script_run: 0,
             facts: Facts::default(),
         }
     }
