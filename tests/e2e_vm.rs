@@ -417,3 +417,214 @@ fn gc_removes_a_planted_orphan_and_leaves_other_domains_alone() {
     assert!(!env.virsh(&["vol-list", pool]).contains(&volume));
     env.virsh(&["undefine", "gc-bystander"]);
 }
+
+#[test]
+fn check_reports_the_real_hypervisor_its_pool_network_and_base() {
+    let guard = VmEnv::acquire();
+    let env = &guard.env;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hatchery.toml");
+    let text = format!(
+        "[broker]\nprefix = \"e2e-check-{}\"\n[hypervisors.e2e]\nuri = \"{}\"\npool = \"{}\"\n\
+         network = \"{}\"\nbases = [\"{}\", \"missing.qcow2\"]\n",
+        Uuid::new_v4(),
+        env.get("LIBVIRT_URI"),
+        env.get("POOL"),
+        env.get("NETWORK"),
+        env.get("BASE_VOLUME"),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_hatchery"))
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a missing base fails the check: {report}"
+    );
+    let row = |check: &str, target: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(check) && l.contains(target))
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(row("hypervisor", "e2e").contains(" ok "), "{report}");
+    assert!(row("hypervisor", "e2e").contains("libvirt 9."), "{report}");
+    assert!(row("pool", env.get("POOL")).contains(" ok "), "{report}");
+    assert!(
+        row("network", env.get("NETWORK")).contains(" ok "),
+        "{report}"
+    );
+    assert!(
+        row("base", env.get("BASE_VOLUME")).contains(" ok "),
+        "{report}"
+    );
+    assert!(row("base", "missing.qcow2").contains("FAILED"), "{report}");
+    assert!(row("broker", "127.0.0.1").contains(" ok "), "{report}");
+}
+
+/// An OpenSSH server inside the namespace standing in for the hypervisor, reachable from the
+/// root namespace only through a relay to a loopback port.
+struct NamespacedSshd {
+    procs: Vec<std::process::Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NamespacedSshd {
+    fn start(env: &VmEnv, authorized: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let key = d.join("host_key");
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::write(d.join("authorized_keys"), authorized).unwrap();
+        let config = format!(
+            "ListenAddress 127.0.0.1:2222\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPidFile none\nPermitRootLogin prohibit-password\n\
+             AllowTcpForwarding yes\n",
+            key.display(),
+            d.join("authorized_keys").display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+
+        let ns = env.get("NETNS");
+        let sock = d.join("relay.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let spawn = |args: &[&str]| {
+            Command::new(args[0])
+                .args(&args[1..])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(d.join(format!("{}.log", args.len()))).unwrap())
+                .spawn()
+                .unwrap()
+        };
+        let cfg = d.join("sshd_config");
+        let log = d.join("sshd.log");
+        let procs = vec![
+            spawn(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "/usr/sbin/sshd",
+                "-D",
+                "-f",
+                cfg.to_str().unwrap(),
+                "-E",
+                log.to_str().unwrap(),
+            ]),
+            spawn(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "socat",
+                &format!("UNIX-LISTEN:{},fork", sock.display()),
+                "TCP:127.0.0.1:2222",
+            ]),
+            spawn(&[
+                "socat",
+                &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
+                &format!("UNIX-CONNECT:{}", sock.display()),
+            ]),
+        ];
+        let up = common::wait_until(std::time::Duration::from_secs(10), || {
+            sock.exists()
+                && std::net::TcpStream::connect(("127.0.0.1", port))
+                    .and_then(|mut s| {
+                        use std::io::Read;
+                        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+                        let mut b = [0u8; 4];
+                        s.read_exact(&mut b)?;
+                        Ok(&b == b"SSH-")
+                    })
+                    .unwrap_or(false)
+        });
+        assert!(up, "the namespaced sshd did not come up");
+        Self { procs, port, dir }
+    }
+
+    fn known_hosts(&self) -> String {
+        let public = std::fs::read_to_string(self.dir.path().join("host_key.pub")).unwrap();
+        let mut parts = public.split_whitespace();
+        let (kind, key) = (parts.next().unwrap(), parts.next().unwrap());
+        format!("[127.0.0.1]:{} {kind} {key}\n", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NamespacedSshd {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+#[test]
+fn a_worker_outside_the_namespace_reaches_the_guest_through_the_hypervisor() {
+    let guard = VmEnv::acquire();
+    let env = &guard.env;
+    let public = std::fs::read_to_string(format!("{}.pub", env.get("SSH_KEY"))).unwrap();
+    let hop = NamespacedSshd::start(env, &public);
+    let dir = tempfile::tempdir().unwrap();
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, hop.known_hosts()).unwrap();
+    let config = dir.path().join("hatchery.toml");
+    let text = format!(
+        "[hypervisors.e2e]\nuri = \"{}\"\njump_host = \"root@127.0.0.1:{}\"\n\
+         jump_identity = \"{}\"\njump_known_hosts = \"{}\"\n",
+        env.get("LIBVIRT_URI"),
+        hop.port,
+        env.get("SSH_KEY"),
+        known.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let job = job(env, "e2e-hop", env.get("NETWORK"), key(env), "echo hopped");
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, job.to_string()).unwrap();
+
+    // In the root namespace: the guest's address is unreachable from here but for the hop.
+    let out = Command::new(env!("CARGO_BIN_EXE_hatchery"))
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        ty(&last),
+        "dev.hatchery.job.succeeded",
+        "{last:#}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        hop.log()
+    );
+    assert_eq!(last["data"]["finish"]["stdout_tail"], "hopped\n");
+    assert!(hop.log().contains("Accepted publickey"), "{}", hop.log());
+    deprovision(env, "e2e-hop");
+    assert_gone(env, "e2e-hop");
+}

@@ -7,9 +7,8 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{JsonLinesSink, Publisher};
-use crate::job::{self, Limits};
+use crate::job;
 use crate::pipeline::{Outcome, Pipeline};
-use crate::settings::Settings;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -18,9 +17,12 @@ pub struct RunArgs {
     /// Run against this libvirt URI instead of the job's hypervisor.
     #[arg(long)]
     pub connect: Option<String>,
-    /// Where consoles listen unless the job says otherwise.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub console_listen: std::net::IpAddr,
+    /// A worker configuration to run with: its hypervisors, jump hosts, secrets, timeouts.
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
+    /// Where consoles listen unless the job or the configuration says otherwise.
+    #[arg(long)]
+    pub console_listen: Option<std::net::IpAddr>,
     /// Directory of private keys that jobs may name with `key_name`.
     #[arg(long)]
     pub key_dir: Option<PathBuf>,
@@ -32,7 +34,9 @@ pub struct RunArgs {
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(&args.job)
         .with_context(|| format!("cannot read job file {}", args.job.display()))?;
-    let mut job = match job::parse(&bytes, &Limits::default()) {
+    let config = args.config.load()?;
+    let mut settings = config.settings();
+    let mut job = match job::parse(&bytes, &settings.limits) {
         Ok(job) => job,
         Err(rejected) => {
             anyhow::bail!("{} is not a valid job: {rejected}", args.job.display());
@@ -42,14 +46,18 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         job.hypervisor = uri;
     }
 
-    let settings = Settings {
-        console_listen: args.console_listen,
-        key_dir: args.key_dir,
-        serial_log_dir: args.serial_log_dir,
-        // `run` is a local tool: its user chose the job file and the hypervisor.
-        allow_test_driver: true,
-        ..Settings::default()
-    };
+    // The flags win over the configuration. `run` is a local tool: its user chose the job
+    // file and the hypervisor, test driver included.
+    settings.allow_test_driver = true;
+    if let Some(listen) = args.console_listen {
+        settings.console_listen = listen;
+    }
+    if args.key_dir.is_some() {
+        settings.key_dir = args.key_dir;
+    }
+    if args.serial_log_dir.is_some() {
+        settings.serial_log_dir = args.serial_log_dir;
+    }
     let pipeline = Pipeline::new(settings, Publisher::new(&hostname()));
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
 
