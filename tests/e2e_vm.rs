@@ -6,6 +6,7 @@ mod common;
 
 use std::process::Command;
 
+use common::ns_sshd::NamespacedSshd;
 use common::vmenv::VmEnv;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -468,118 +469,6 @@ fn check_reports_the_real_hypervisor_its_pool_network_and_base() {
     assert!(row("broker", "127.0.0.1").contains(" ok "), "{report}");
 }
 
-/// An OpenSSH server inside the namespace standing in for the hypervisor, reachable from the
-/// root namespace only through a relay to a loopback port.
-struct NamespacedSshd {
-    procs: Vec<std::process::Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl NamespacedSshd {
-    fn start(env: &VmEnv, authorized: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let key = d.join("host_key");
-        let status = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f", key.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        std::fs::write(d.join("authorized_keys"), authorized).unwrap();
-        let config = format!(
-            "ListenAddress 127.0.0.1:2222\nHostKey {}\nAuthorizedKeysFile {}\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-             StrictModes no\nPidFile none\nPermitRootLogin prohibit-password\n\
-             AllowTcpForwarding yes\n",
-            key.display(),
-            d.join("authorized_keys").display()
-        );
-        std::fs::write(d.join("sshd_config"), config).unwrap();
-        std::fs::create_dir_all("/run/sshd").unwrap();
-
-        let ns = env.get("NETNS");
-        let sock = d.join("relay.sock");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let spawn = |args: &[&str]| {
-            Command::new(args[0])
-                .args(&args[1..])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(d.join(format!("{}.log", args.len()))).unwrap())
-                .spawn()
-                .unwrap()
-        };
-        let cfg = d.join("sshd_config");
-        let log = d.join("sshd.log");
-        let procs = vec![
-            spawn(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "/usr/sbin/sshd",
-                "-D",
-                "-f",
-                cfg.to_str().unwrap(),
-                "-E",
-                log.to_str().unwrap(),
-            ]),
-            spawn(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "socat",
-                &format!("UNIX-LISTEN:{},fork", sock.display()),
-                "TCP:127.0.0.1:2222",
-            ]),
-            spawn(&[
-                "socat",
-                &format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"),
-                &format!("UNIX-CONNECT:{}", sock.display()),
-            ]),
-        ];
-        let up = common::wait_until(std::time::Duration::from_secs(10), || {
-            sock.exists()
-                && std::net::TcpStream::connect(("127.0.0.1", port))
-                    .and_then(|mut s| {
-                        use std::io::Read;
-                        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-                        let mut b = [0u8; 4];
-                        s.read_exact(&mut b)?;
-                        Ok(&b == b"SSH-")
-                    })
-                    .unwrap_or(false)
-        });
-        assert!(up, "the namespaced sshd did not come up");
-        Self { procs, port, dir }
-    }
-
-    fn known_hosts(&self) -> String {
-        let public = std::fs::read_to_string(self.dir.path().join("host_key.pub")).unwrap();
-        let mut parts = public.split_whitespace();
-        let (kind, key) = (parts.next().unwrap(), parts.next().unwrap());
-        format!("[127.0.0.1]:{} {kind} {key}\n", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for NamespacedSshd {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-    }
-}
-
 #[test]
 fn a_worker_outside_the_namespace_reaches_the_guest_through_the_hypervisor() {
     let guard = VmEnv::acquire();
@@ -594,7 +483,7 @@ fn a_worker_outside_the_namespace_reaches_the_guest_through_the_hypervisor() {
         "[hypervisors.e2e]\nuri = \"{}\"\njump_host = \"root@127.0.0.1:{}\"\n\
          jump_identity = \"{}\"\njump_known_hosts = \"{}\"\n",
         env.get("LIBVIRT_URI"),
-        hop.port,
+        hop.port(),
         env.get("SSH_KEY"),
         known.display()
     );

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use hatchery::events::{Event, EventSink};
+use hatchery::events::{Event, EventKind, EventSink};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -78,9 +78,22 @@ impl Collect {
         self.0.lock().unwrap().clone()
     }
 
+    /// The kinds of the events, in order; events of an unknown type are left out.
+    pub fn kinds(&self) -> Vec<EventKind> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Event::kind)
+            .collect()
+    }
+
+    pub fn last(&self) -> Event {
+        self.events().pop().expect("an event")
+    }
+
     /// The final event's data as JSON.
     pub fn result(&self) -> serde_json::Value {
-        let last = self.events().pop().expect("an event");
-        serde_json::to_value(&last.data).unwrap()
+        serde_json::to_value(&self.last().data).unwrap()
     }
 }

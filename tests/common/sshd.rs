@@ -351,7 +351,7 @@ fn write_config(dir: &Path, port: u16, mode: Mode) -> PathBuf {
 }
 
 /// A port the kernel just handed out and that is free again; good enough with a retry.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -359,7 +359,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn answers_with_banner(addr: SocketAddr) -> bool {
+/// Whether a server on `addr` greets with an SSH banner within a couple of seconds.
+pub fn answers_with_banner(addr: SocketAddr) -> bool {
     let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };

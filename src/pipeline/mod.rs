@@ -1,28 +1,27 @@
 //! Runs one job through its stages, with retries, rollback and events. Knows nothing of where
 //! the job came from: `hatchery run` and the broker fleet both call [`Pipeline::run`].
 
+mod attempts;
+
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, field, info, info_span, warn};
 
 use crate::events::{
     EventData, EventKind, EventSink, Failure, FinishReport, JobResult, JobStart, Publisher,
-    Rejection, StageReport, StageTiming,
+    Rejection, StageTiming,
 };
 use crate::hypervisor::Hypervisors;
 use crate::hypervisor::metadata::{JobMetadata, JobState};
 use crate::job::{Credential, Job, OnFailure, Work};
 use crate::observe::{Metrics, ObservedSink};
+use crate::secret::{Secret, redact};
 use crate::settings::Settings;
-use crate::stages::address::Address;
-use crate::stages::domain::{self, Domain};
-use crate::stages::finish::Finish;
-use crate::stages::overlay::Overlay;
-use crate::stages::teardown::Teardown;
-use crate::stages::{ErrorClass, JobRun, Refusal, Stage, StageError, StageKind, rollback};
+use crate::stages::domain;
+use crate::stages::{ErrorClass, JobRun, Refusal, StageError, StageKind, rollback};
 
 /// How a job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +43,6 @@ impl Outcome {
         }
     }
 }
-
-/// Extra time a stage gets beyond its own deadline before the pipeline abandons it.
-const STAGE_GRACE: Duration = Duration::from_secs(30);
 
 /// What every job run on this worker shares.
 pub struct Pipeline {
@@ -256,144 +252,6 @@ impl Pipeline {
         (outcome, Some(report), Some(rolled_back))
     }
 
-    /// Runs one stage, retrying transient failures under the retry policy.
-    async fn stage_with_retries(
-        &self,
-        stage: StageKind,
-        cx: &mut JobRun,
-        sink: &dyn EventSink,
-    ) -> Result<StageTiming, StageFailure> {
-        let subject = cx.job.id.to_string();
-        let batch = cx.job.batch.clone().map(|b| b.id);
-        let (job_id, run) = (cx.job.id, cx.attempt);
-        let emit = |kind, attempt: u32, data| {
-            let key = format!("{stage}/{run}/{attempt}");
-            self.publisher
-                .event(kind, &subject, batch.as_deref(), &key, data)
-        };
-        let report = |attempt, duration_ms, error, delay_ms| StageReport {
-            job_id,
-            stage,
-            attempt,
-            duration_ms,
-            error,
-            delay_ms,
-        };
-
-        let (timeout, backstop) = self.timeouts(stage, cx);
-        let job_retry = cx.job.provision().and_then(|p| p.retry.clone());
-        let policy = self.settings.retry.with_overrides(job_retry.as_ref());
-        let retry_scripts = job_retry.is_some_and(|r| r.script_failures);
-        let mut delays = policy.delays();
-        let first = Instant::now();
-        let mut attempt = 1;
-        loop {
-            let span = info_span!("stage", stage = %stage, stage_attempt = attempt);
-            let data = EventData::Stage(report(attempt, None, None, None));
-            sink.emit(emit(EventKind::StageStarted, attempt, data))
-                .await;
-            info!(parent: &span, "stage started");
-
-            let began = Instant::now();
-            cx.deadline = tokio::time::Instant::now() + timeout;
-            let cancel = cx.cancel.clone();
-            let result = tokio::select! {
-                r = tokio::time::timeout(backstop, dispatch(stage, cx)).instrument(span.clone()) => {
-                    r.unwrap_or(Err(StageError::Timeout(timeout)))
-                }
-                () = cancel.cancelled() => Err(StageError::Cancelled),
-            };
-            let took = began.elapsed();
-
-            let error = match result {
-                Ok(()) => {
-                    info!(parent: &span, duration_ms = took.as_millis() as u64, "stage succeeded");
-                    let data = EventData::Stage(report(attempt, Some(ms(took)), None, None));
-                    sink.emit(emit(EventKind::StageSucceeded, attempt, data))
-                        .await;
-                    let total = ms(first.elapsed());
-                    return Ok(StageTiming {
-                        stage,
-                        duration_ms: total,
-                        attempts: attempt,
-                    });
-                }
-                Err(error) => error,
-            };
-
-            // Retry only what may pass next time, and only within the policy's budget.
-            // A failed script is retried only when the job asks; its next run starts afresh.
-            let script_failed = matches!(error, StageError::ScriptFailed { .. });
-            let retriable = error.is_transient() || (retry_scripts && script_failed);
-            let delay = (retriable && first.elapsed() < policy.max_elapsed)
-                .then(|| delays.next())
-                .flatten();
-            if delay.is_some() && script_failed {
-                cx.script_run += 1;
-            }
-            let Some(delay) = delay else {
-                return Err(StageFailure { stage, error });
-            };
-            let class = error.class();
-            warn!(
-                parent: &span,
-                error = %chain(&error),
-                class = class.as_str(),
-                delay_ms = ms(delay),
-                "stage failed; retrying"
-            );
-            let failure = Failure {
-                stage,
-                class,
-                message: chain(&error),
-            };
-            let data = EventData::Stage(report(
-                attempt,
-                Some(ms(took)),
-                Some(failure),
-                Some(ms(delay)),
-            ));
-            sink.emit(emit(EventKind::StageRetrying, attempt, data))
-                .await;
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = cx.cancel.cancelled() => {
-                    return Err(StageFailure { stage, error: StageError::Cancelled });
-                }
-            }
-            attempt += 1;
-        }
-    }
-
-    /// The stage's own deadline, and the later one at which the pipeline stops waiting for it.
-    fn timeouts(&self, stage: StageKind, cx: &JobRun) -> (Duration, Duration) {
-        let t = cx
-            .job
-            .provision()
-            .map(|p| p.timeouts.clone())
-            .unwrap_or_default();
-        let s = &self.settings;
-        let secs = |v: Option<u64>| v.map(Duration::from_secs);
-        let timeout = match stage {
-            StageKind::Overlay => secs(t.overlay_secs).unwrap_or(Overlay::default_timeout(s)),
-            StageKind::Domain => secs(t.domain_secs).unwrap_or(Domain::default_timeout(s)),
-            StageKind::Address => secs(t.address_secs).unwrap_or(Address::default_timeout(s)),
-            StageKind::Finish => secs(t.finish_secs).unwrap_or(Finish::default_timeout(s)),
-            StageKind::Teardown => Teardown::default_timeout(s),
-        };
-        // The finish script's own timeout comes on top of logging in.
-        let script = (stage == StageKind::Finish)
-            .then(|| {
-                cx.job
-                    .provision()
-                    .and_then(|p| p.finish.as_ref())
-                    .map(|f| f.timeout())
-            })
-            .flatten()
-            .unwrap_or_default();
-        (timeout, timeout + script + STAGE_GRACE)
-    }
-
     fn result(
         &self,
         cx: &JobRun,
@@ -464,16 +322,6 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
     }
 }
 
-async fn dispatch(stage: StageKind, cx: &mut JobRun) -> Result<(), StageError> {
-    match stage {
-        StageKind::Overlay => Overlay::run(cx).await,
-        StageKind::Domain => Domain::run(cx).await,
-        StageKind::Address => Address::run(cx).await,
-        StageKind::Finish => Finish::run(cx).await,
-        StageKind::Teardown => Teardown::run(cx).await,
-    }
-}
-
 /// Updates hatchery's metadata in the job's domain, if the domain exists and is the job's.
 /// Best effort: stages find their own artefacts on a re-run; the record serves resumed
 /// rollbacks, operators and the reconciler.
@@ -509,70 +357,15 @@ pub fn chain(error: &dyn StdError) -> String {
     text
 }
 
-fn job_secrets(job: &Job) -> Vec<String> {
+/// The secrets a job carries itself, which its guest's output must not give back.
+fn job_secrets(job: &Job) -> Vec<&Secret> {
     let finish = job.provision().and_then(|p| p.finish.as_ref());
     match finish.map(|f| &f.credential) {
-        Some(Credential::Password(s)) | Some(Credential::PrivateKey(s)) => {
-            vec![s.expose().to_owned()]
-        }
+        Some(Credential::Password(s)) | Some(Credential::PrivateKey(s)) => vec![s],
         _ => Vec::new(),
     }
 }
 
-/// Shortest piece of a secret worth hiding on its own; shorter ones would blank ordinary text.
-const MIN_SECRET_PIECE: usize = 6;
-
-/// Removes the job's own secrets from text the guest produced, should its script print them:
-/// whole, line by line (a key printed in part), and a piece left at the start of a tail that
-/// was cut in the middle of one.
-fn redact(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for secret in secrets {
-        let lines = secret
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.len() >= MIN_SECRET_PIECE);
-        for piece in std::iter::once(secret.as_str()).chain(lines) {
-            if piece.len() >= MIN_SECRET_PIECE.min(secret.len()) && !piece.is_empty() {
-                out = out.replace(piece, "[redacted]");
-            }
-        }
-        // The tail keeps the last bytes, so a secret can only be cut at the tail's start.
-        let longest = (MIN_SECRET_PIECE..secret.len()).rev().find(|&n| {
-            secret.is_char_boundary(secret.len() - n)
-                && out.starts_with(&secret[secret.len() - n..])
-        });
-        if let Some(n) = longest {
-            out.replace_range(..n, "[redacted]");
-        }
-    }
-    out
-}
-
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redaction_covers_whole_secrets_single_lines_and_cut_tails() {
-        let password = "correct-horse-battery".to_owned();
-        let key =
-            "-----BEGIN KEY-----\nAAAALINEONEAAAA\nBBBBLINETWOBBBB\n-----END KEY-----".to_owned();
-        let secrets = [password, key];
-
-        assert_eq!(
-            redact("pw correct-horse-battery!", &secrets),
-            "pw [redacted]!"
-        );
-        assert_eq!(redact("x BBBBLINETWOBBBB y", &secrets), "x [redacted] y");
-        assert_eq!(
-            redact("horse-battery and more", &secrets),
-            "[redacted] and more"
-        );
-        assert_eq!(redact("nothing to hide", &secrets), "nothing to hide");
-    }
 }
