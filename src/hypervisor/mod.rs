@@ -15,6 +15,13 @@ use virt::connect::Connect;
 
 pub use error::{LibvirtError, Op};
 
+/// Whether `uri` names libvirt's test driver, by any transport: `test:///default`,
+/// `test+unix:///default?socket=...`, `test+ssh://host/default`.
+pub fn is_test_driver(uri: &str) -> bool {
+    let scheme = uri.split_once(':').map_or(uri, |(scheme, _)| scheme);
+    scheme == "test" || scheme.starts_with("test+")
+}
+
 /// One libvirt hypervisor, reached through one connection that every job on it shares.
 ///
 /// The connection is opened on first use and opened again after libvirt reports it dead, so a
@@ -47,6 +54,11 @@ impl Hypervisor {
 
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Whether this is libvirt's test driver, whose guests and their addresses are made up.
+    pub fn is_test_driver(&self) -> bool {
+        is_test_driver(&self.uri)
     }
 
     /// Runs `f` against the connection on tokio's blocking pool. `op` names the call in the

@@ -213,7 +213,7 @@ impl Pipeline {
             return Err((refusal, "unknown_hypervisor"));
         };
         // A test driver URI names a file on the worker; only its operator may allow that.
-        if hypervisor.starts_with("test:") && !self.settings.allow_test_driver {
+        if crate::hypervisor::is_test_driver(hypervisor) && !self.settings.allow_test_driver {
             let refusal = Refusal::TestDriverDisabled(hypervisor.to_owned());
             return Err((refusal, "test_driver_disabled"));
         }

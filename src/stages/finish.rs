@@ -96,7 +96,7 @@ impl Stage for Finish {
 /// libvirt's test driver invents guest addresses from its network's range. Connecting to one
 /// would reach whatever host really has it, so only loopback ones (a test's own sshd) are used.
 fn refuse_made_up_address(cx: &JobRun, addr: SocketAddr) -> Result<(), Refusal> {
-    let test_driver = cx.hv.uri().starts_with("test:");
+    let test_driver = cx.hv.is_test_driver();
     let given = matches!(cx.spec().address, crate::job::AddressSource::Static { .. });
     if test_driver && !given && !addr.ip().is_loopback() {
         return Err(Refusal::MadeUpAddress {
