@@ -189,3 +189,35 @@ async fn a_failed_script_runs_again_only_when_the_job_asks() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_collected_before_a_crash_reaches_the_next_runs_result() {
+    let host = TestHost::new();
+    let sshd = common::sshd::Sshd::start();
+    let key = common::sshd::generate_key("ed25519", "");
+    sshd.authorize(&key.public);
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(keys.path().join("k"), &key.private).unwrap();
+    let settings = Settings {
+        key_dir: Some(keys.path().to_owned()),
+        ..test_settings()
+    };
+    let p = Pipeline::new(settings, Publisher::new("test"));
+    let job = finishing_on(&host, "collected-once", &sshd, "k");
+
+    let (outcome, first) = run(&p, job.clone()).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{}", first.result());
+    let stdout = format!("hello from {}\n", common::sshd::KEY_USER);
+    assert_eq!(first.result()["finish"]["stdout_tail"], stdout);
+
+    // The worker died before its final event reached the broker, so the job comes again. The
+    // guest holds only the exit status now; the rest comes from the domain's record.
+    let sink = common::capture::Collect::default();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let outcome = p.run(job, 2, cancel, &sink).await;
+    assert_eq!(outcome, Outcome::Succeeded, "{}", sink.result());
+    let finish = &sink.result()["finish"];
+    assert_eq!(finish["resumed"], true, "not run again: {finish}");
+    assert_eq!(finish["stdout_tail"], stdout);
+    assert_eq!(finish["exit_code"], 0);
+}

@@ -155,6 +155,19 @@ async fn keep_leaves_the_failed_vm_for_inspection() {
     let (domains, volumes) = inventory(&p, &host.uri).await;
     assert!(domains.contains(&"kept".to_owned()));
     assert_eq!(volumes.len(), 2);
+
+    // The domain says it was kept on purpose, so the reconciler leaves it however old it is.
+    let hv = p.hypervisors.get(&host.uri);
+    let job = Arc::new(jobs::parse(&doc));
+    let cx = JobRun::new(job, Arc::clone(&hv), Arc::clone(&p.settings), 1);
+    let meta = domain::read_metadata(&cx, "kept").await.unwrap().unwrap();
+    let meta = meta.unwrap();
+    assert_eq!(meta.state, JobState::Kept);
+    assert_eq!(meta.failed_stage, Some(StageKind::Finish));
+    let orphans = reconcile::find(&hv, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(orphans.is_empty(), "{orphans:?}");
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ pub(super) fn run(
     target: &SshTarget,
     script: &FinishScript,
     cancel: &CancellationToken,
+    keep: &mut dyn FnMut(&FinishOutcome),
 ) -> Result<FinishOutcome, SshError> {
     let (job, state) = Job::open(target, script, cancel)?;
 
@@ -34,7 +35,7 @@ pub(super) fn run(
             return Err(SshError::ScriptLost);
         }
     };
-    match job.drive(start) {
+    match job.drive(start, keep) {
         Ok(outcome) => Ok(outcome),
         // A concurrent attempt at the same job may have collected and removed the directory
         // under us; its tombstone then holds the answer.
@@ -97,12 +98,18 @@ impl<'a> Job<'a> {
         Ok((job, probe.state))
     }
 
-    /// Starts the script if asked to, waits for it, collects it and retires the directory.
-    /// The outcome is `resumed` unless this very call started the script.
-    fn drive(&self, start: bool) -> Result<FinishOutcome, SshError> {
+    /// Starts the script if asked to, waits for it, collects it, hands the result to `keep`
+    /// and retires the directory. The outcome is `resumed` unless this very call started the
+    /// script.
+    fn drive(
+        &self,
+        start: bool,
+        keep: &mut dyn FnMut(&FinishOutcome),
+    ) -> Result<FinishOutcome, SshError> {
         let resumed = !(start && self.start()?);
         let exit_code = self.wait()?;
         let outcome = self.collect(exit_code, resumed)?;
+        keep(&outcome);
 
         // The result is in hand: a failed cleanup is worth a warning, not the job.
         if let Err(error) = self.exec(Step::Cleanup, &self.dir.retire()) {
@@ -218,6 +225,7 @@ impl<'a> Job<'a> {
             stderr_truncated,
             host_key_fingerprint: self.guest.fingerprint().to_owned(),
             resumed,
+            collected_earlier: false,
         })
     }
 
@@ -234,6 +242,7 @@ impl<'a> Job<'a> {
             stderr_truncated: false,
             host_key_fingerprint: self.guest.fingerprint().to_owned(),
             resumed: true,
+            collected_earlier: true,
         }
     }
 

@@ -118,9 +118,11 @@ pub struct FinishOutcome {
     /// The fingerprint of the host key this session saw, pinned or not.
     pub host_key_fingerprint: String,
     /// True when an earlier attempt had started (or finished) the script and this call only
-    /// waited for and collected it. When an earlier attempt had already collected and removed
-    /// the output, the tails are empty and only `exit_code` is known.
+    /// waited for and collected it.
     pub resumed: bool,
+    /// An earlier attempt had already collected the script and removed its output from the
+    /// guest: the tails are empty and only `exit_code` is known here.
+    pub collected_earlier: bool,
 }
 
 /// Polls `addr` about every 100 ms until something there answers with an SSH banner.
@@ -164,7 +166,19 @@ pub fn run_finish(
     script: &FinishScript,
     cancel: &CancellationToken,
 ) -> Result<FinishOutcome, SshError> {
-    finish::run(target, script, cancel)
+    finish::run(target, script, cancel, &mut |_| {})
+}
+
+/// Like [`run_finish`], handing the result to `keep` once it is collected and before the
+/// output is removed from the guest, so the caller can store it where a later attempt finds
+/// it (the guest itself keeps only the exit status).
+pub fn run_finish_keeping(
+    target: &SshTarget,
+    script: &FinishScript,
+    cancel: &CancellationToken,
+    keep: &mut dyn FnMut(&FinishOutcome),
+) -> Result<FinishOutcome, SshError> {
+    finish::run(target, script, cancel, keep)
 }
 
 /// Uploads and starts `script` detached, then returns without waiting for it.

@@ -36,6 +36,25 @@ pub struct JobMetadata {
     pub failed_stage: Option<StageKind>,
     /// When a worker last wrote this record, in seconds since the epoch.
     pub updated_at: Option<i64>,
+    /// The finish script's result, kept here before its output is removed from the guest.
+    pub finish: Option<FinishRecord>,
+}
+
+/// A collected finish script's result, its output already stripped of the job's secrets.
+///
+/// It outlives the files on the guest, so a worker that dies between collecting the script
+/// and publishing the job's outcome leaves the next run the whole result, not only the exit
+/// status the guest keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishRecord {
+    /// The id the script ran under on the guest (the job id, or one per rerun).
+    pub run: Uuid,
+    pub exit_code: i32,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub host_key_fingerprint: String,
 }
 
 /// Where the job that made a domain stands, as far as the domain itself can tell.
@@ -125,6 +144,20 @@ impl JobMetadata {
         if let Some(at) = self.updated_at {
             el = el.child(Element::leaf(name("hatchery:updated-at"), at));
         }
+        if let Some(finish) = &self.finish {
+            // Output may hold any byte XML 1.0 forbids (escape sequences, NUL): hex it.
+            let tail = |el_name, text: &str| Element::leaf(name(el_name), hex::encode(text));
+            el = el.child(
+                Element::new(name("hatchery:finish"))
+                    .attr("run", finish.run)
+                    .attr("exit-code", finish.exit_code)
+                    .attr("host-key", &finish.host_key_fingerprint)
+                    .attr("stdout-truncated", finish.stdout_truncated)
+                    .attr("stderr-truncated", finish.stderr_truncated)
+                    .child(tail("hatchery:stdout", &finish.stdout_tail))
+                    .child(tail("hatchery:stderr", &finish.stderr_tail)),
+            );
+        }
         el
     }
 
@@ -165,6 +198,29 @@ impl JobMetadata {
             state: text("state").and_then(JobState::parse).unwrap_or_default(),
             failed_stage: text("failed-stage").and_then(|t| StageKind::from_str(t).ok()),
             updated_at: text("updated-at").and_then(|t| t.parse().ok()),
+            finish: child("finish").and_then(FinishRecord::parse),
+        })
+    }
+}
+
+impl FinishRecord {
+    /// Reads the `<finish>` element; a damaged record counts as none, and the guest's own
+    /// exit status is used instead.
+    fn parse(node: roxmltree::Node) -> Option<Self> {
+        let flag = |attr| node.attribute(attr).map(|v| v == "true");
+        let tail = |el_name| {
+            let el = node.children().find(|n| n.tag_name().name() == el_name)?;
+            let bytes = hex::decode(el.text().unwrap_or("").trim()).ok()?;
+            String::from_utf8(bytes).ok()
+        };
+        Some(Self {
+            run: Uuid::parse_str(node.attribute("run")?).ok()?,
+            exit_code: node.attribute("exit-code")?.parse().ok()?,
+            stdout_tail: tail("stdout")?,
+            stderr_tail: tail("stderr")?,
+            stdout_truncated: flag("stdout-truncated")?,
+            stderr_truncated: flag("stderr-truncated")?,
+            host_key_fingerprint: node.attribute("host-key")?.to_owned(),
         })
     }
 }
@@ -198,6 +254,15 @@ mod tests {
             state: JobState::RollingBack,
             failed_stage: Some(StageKind::Finish),
             updated_at: Some(1_700_000_100),
+            finish: Some(FinishRecord {
+                run: Uuid::new_v4(),
+                exit_code: 3,
+                stdout_tail: "done \u{1b}[32mok\u{1b}[0m <&>\n".into(),
+                stderr_tail: String::new(),
+                stdout_truncated: true,
+                stderr_truncated: false,
+                host_key_fingerprint: "SHA256:abc".into(),
+            }),
         };
         // libvirt hands the element back with a default namespace instead of the prefix.
         assert_eq!(JobMetadata::parse(&meta.to_xml()).expect("parses"), meta);

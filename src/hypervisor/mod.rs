@@ -32,6 +32,8 @@ pub struct Hypervisor {
     conn: Mutex<Option<Connect>>,
     /// One lock per storage pool: libvirt refuses a second volume job on a pool that is busy.
     pool_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per domain whose metadata a task of this worker is reading and rewriting.
+    metadata_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Hypervisor {
@@ -40,6 +42,7 @@ impl Hypervisor {
             uri: uri.into(),
             conn: Mutex::new(None),
             pool_locks: Mutex::default(),
+            metadata_locks: Mutex::default(),
         }
     }
 
@@ -50,6 +53,21 @@ impl Hypervisor {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         Arc::clone(locks.entry(pool.to_owned()).or_default())
+    }
+
+    /// The lock that serialises read-modify-write updates of `domain`'s metadata among this
+    /// worker's tasks (a job's stages and its heartbeat), so none undoes another's change.
+    pub async fn metadata_lock(&self, domain: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .metadata_locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Domain names come and go with jobs: forget the locks nobody holds or waits for.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            Arc::clone(locks.entry(domain.to_owned()).or_default())
+        };
+        lock.lock_owned().await
     }
 
     pub fn uri(&self) -> &str {

@@ -283,4 +283,13 @@ impl Job {
             Work::Deprovision(d) => &d.name,
         }
     }
+
+    /// The secrets the job carries itself, which its guest's output must not give back.
+    pub fn secrets(&self) -> Vec<&Secret> {
+        let finish = self.provision().and_then(|p| p.finish.as_ref());
+        match finish.map(|f| &f.credential) {
+            Some(Credential::Password(s)) | Some(Credential::PrivateKey(s)) => vec![s],
+            _ => Vec::new(),
+        }
+    }
 }

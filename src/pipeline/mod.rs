@@ -16,9 +16,9 @@ use crate::events::{
 };
 use crate::hypervisor::Hypervisors;
 use crate::hypervisor::metadata::{JobMetadata, JobState};
-use crate::job::{Credential, Job, OnFailure, Work};
+use crate::job::{Job, OnFailure, Work};
 use crate::observe::{Metrics, ObservedSink};
-use crate::secret::{Secret, redact};
+use crate::secret::redact;
 use crate::settings::Settings;
 use crate::stages::domain;
 use crate::stages::{ErrorClass, JobRun, Refusal, StageError, StageKind, rollback};
@@ -239,7 +239,23 @@ impl Pipeline {
             .job
             .provision()
             .is_some_and(|p| p.on_failure == OnFailure::Keep);
-        if f.stage == StageKind::Teardown || (keep && !cancelled) {
+        if f.stage == StageKind::Teardown {
+            return (outcome, Some(report), Some(false));
+        }
+
+        // The domain records the decision before acting on it: a worker dying during the
+        // rollback leaves the next run a rollback to finish, and the reconciler a domain to
+        // keep or to clear, instead of a job that seems to be still running.
+        let state = match keep && !cancelled {
+            true => JobState::Kept,
+            false => JobState::RollingBack,
+        };
+        update_metadata(cx, |meta| {
+            meta.state = state;
+            meta.failed_stage = Some(f.stage);
+        })
+        .await;
+        if state == JobState::Kept {
             return (outcome, Some(report), Some(false));
         }
         let rolled_back = match rollback::run(cx, f.stage).await {
@@ -262,7 +278,7 @@ impl Pipeline {
         rolled_back: Option<bool>,
     ) -> Box<JobResult> {
         let facts = &cx.facts;
-        let secrets = job_secrets(&cx.job);
+        let secrets = cx.job.secrets();
         let finish = facts.finish.as_ref().map(|f| FinishReport {
             exit_code: f.exit_code,
             stdout_tail: redact(&f.stdout_tail, &secrets),
@@ -326,17 +342,7 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
 /// Best effort: stages find their own artefacts on a re-run; the record serves resumed
 /// rollbacks, operators and the reconciler.
 async fn update_metadata(cx: &JobRun, change: impl FnOnce(&mut JobMetadata)) {
-    let name = cx.job.vm_name();
-    let result = match domain::read_metadata(cx, name).await {
-        Ok(Some(Some(mut meta))) if meta.job_id == cx.job.id => {
-            change(&mut meta);
-            meta.updated_at = Some(domain::now_secs());
-            domain::write_metadata(cx, name, &meta).await
-        }
-        Ok(_) => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
+    if let Err(e) = domain::update_metadata(cx, change).await {
         warn!(error = %chain(&e), "could not update the domain's metadata");
     }
 }
@@ -355,15 +361,6 @@ pub fn chain(error: &dyn StdError) -> String {
         source = cause.source();
     }
     text
-}
-
-/// The secrets a job carries itself, which its guest's output must not give back.
-fn job_secrets(job: &Job) -> Vec<&Secret> {
-    let finish = job.provision().and_then(|p| p.finish.as_ref());
-    match finish.map(|f| &f.credential) {
-        Some(Credential::Password(s)) | Some(Credential::PrivateKey(s)) => vec![s],
-        _ => Vec::new(),
-    }
 }
 
 fn ms(d: Duration) -> u64 {

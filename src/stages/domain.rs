@@ -19,6 +19,8 @@ impl Stage for Domain {
 
     async fn run(cx: &mut JobRun) -> Result<(), StageError> {
         let name = cx.job.vm_name().to_owned();
+        // The record is read here and written back below; the heartbeat must not interleave.
+        let _record = cx.hv.metadata_lock(&name).await;
         let found = read_metadata(cx, &name).await?;
 
         let mut meta = match found {
@@ -142,6 +144,25 @@ pub async fn write_metadata(cx: &JobRun, name: &str, meta: &JobMetadata) -> Resu
     Ok(())
 }
 
+/// Changes the job's own record in its domain, holding this worker's lock on that record.
+/// Returns `false`, changing nothing, when the domain is gone or not this job's.
+pub async fn update_metadata(
+    cx: &JobRun,
+    change: impl FnOnce(&mut JobMetadata),
+) -> Result<bool, StageError> {
+    let name = cx.job.vm_name();
+    let _record = cx.hv.metadata_lock(name).await;
+    match read_metadata(cx, name).await? {
+        Some(Some(mut meta)) if meta.job_id == cx.job.id => {
+            change(&mut meta);
+            meta.updated_at = Some(now_secs());
+            write_metadata(cx, name, &meta).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
     let overlay = cx
         .facts
@@ -161,6 +182,7 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
         state: JobState::Running,
         failed_stage: None,
         updated_at: Some(now_secs()),
+        finish: None,
     };
 
     let console = vm.console.as_ref();

@@ -62,6 +62,8 @@ pub enum Refusal {
     },
     #[error("base image `{path}` is not in a storage pool of this hypervisor")]
     BaseNotInPool { path: String },
+    #[error("base image `{volume}` is not in storage pool `{pool}` of this hypervisor")]
+    BaseMissing { pool: String, volume: String },
     #[error("volume `{volume}` exists but is not this job's overlay of the base")]
     VolumeTaken { volume: String },
     #[error("domain `{name}` exists and belongs to another job or to nobody")]

@@ -3,12 +3,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tracing::info;
+use std::sync::Arc;
 
-use super::{JobRun, Refusal, Stage, StageError, StageKind, blocking};
-use crate::guest::{self, FinishScript, SshAuth, SshTarget};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{JobRun, Refusal, Stage, StageError, StageKind, blocking, domain};
+use crate::guest::{self, FinishOutcome, FinishScript, SshAuth, SshTarget};
+use crate::hypervisor::metadata::FinishRecord;
 use crate::job::{Credential, FinishSpec};
-use crate::secret::Secret;
+use crate::secret::{Secret, redact};
 use crate::settings::Settings;
 
 pub struct Finish;
@@ -42,6 +46,13 @@ impl Stage for Finish {
         let sudo = spec.sudo && spec.user != "root";
         let deadline = cx.deadline.into_std();
         let cancel = cx.cancel.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let recorder = JobRun::new(
+            Arc::clone(&cx.job),
+            Arc::clone(&cx.hv),
+            Arc::clone(&cx.settings),
+            cx.attempt,
+        );
 
         // Waiting for a booting guest holds no thread; through a jump host each probe is an
         // `ssh` process, so that wait runs with the session below.
@@ -62,13 +73,19 @@ impl Stage for Finish {
                 sudo,
                 tail_bytes,
             };
-            guest::run_finish(&target, &script, &cancel)
+            // The guest keeps only the exit status once the output is removed, so the whole
+            // result goes into the domain's record first, for a run that takes over later.
+            let mut keep = |outcome: &FinishOutcome| {
+                runtime.block_on(record(&recorder, job_id, outcome));
+            };
+            guest::run_finish_keeping(&target, &script, &cancel, &mut keep)
         })
         .await?;
+        let outcome = match outcome.collected_earlier {
+            true => recall(cx, job_id, outcome).await,
+            false => outcome,
+        };
 
-        // FIXME: a worker that dies after collecting the result but before the final event is
-        // published leaves only the exit status on the guest; the redelivered job then reports
-        // that status with empty output tails.
         let code = outcome.exit_code;
         info!(
             exit_code = code,
@@ -91,6 +108,48 @@ impl Stage for Finish {
     fn default_timeout(settings: &Settings) -> Duration {
         settings.timeouts.finish_connect
     }
+}
+
+/// Stores a collected result in the domain's record, without the job's secrets. Best effort:
+/// the result is in hand and goes into the job's final event either way.
+async fn record(cx: &JobRun, run: Uuid, outcome: &FinishOutcome) {
+    let secrets = cx.job.secrets();
+    let finish = FinishRecord {
+        run,
+        exit_code: outcome.exit_code,
+        stdout_tail: redact(&outcome.stdout_tail, &secrets),
+        stderr_tail: redact(&outcome.stderr_tail, &secrets),
+        stdout_truncated: outcome.stdout_truncated,
+        stderr_truncated: outcome.stderr_truncated,
+        host_key_fingerprint: outcome.host_key_fingerprint.clone(),
+    };
+    if let Err(e) = domain::update_metadata(cx, |meta| meta.finish = Some(finish)).await {
+        warn!(error = %e, "could not record the finish result in the domain");
+    }
+}
+
+/// Fills in the output an earlier attempt collected and recorded before removing it from the
+/// guest. Without such a record only the exit status is known.
+async fn recall(cx: &JobRun, run: Uuid, mut outcome: FinishOutcome) -> FinishOutcome {
+    let recorded = match domain::read_metadata(cx, cx.job.vm_name()).await {
+        Ok(Some(Some(meta))) if meta.job_id == cx.job.id => meta.finish,
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, "could not read the recorded finish result");
+            None
+        }
+    };
+    match recorded {
+        Some(r) if r.run == run && r.exit_code == outcome.exit_code => {
+            debug!("finish output recalled from the domain's record");
+            outcome.stdout_tail = r.stdout_tail;
+            outcome.stderr_tail = r.stderr_tail;
+            outcome.stdout_truncated = r.stdout_truncated;
+            outcome.stderr_truncated = r.stderr_truncated;
+        }
+        _ => warn!("the finish output was collected earlier and is gone; only its status is known"),
+    }
+    outcome
 }
 
 /// libvirt's test driver invents guest addresses from its network's range. Connecting to one

@@ -74,7 +74,14 @@ impl Stage for Overlay {
             Some(overlay) => overlay.pool.clone(),
             None => match &cx.spec().vm.pool {
                 Some(pool) => pool.clone(),
-                None => resolve_base(cx).await?.pool,
+                None => match resolve_base(cx).await {
+                    Ok(base) => base.pool,
+                    // Without its base no overlay was ever made: nothing to undo.
+                    Err(StageError::Refused(
+                        Refusal::BaseMissing { .. } | Refusal::BaseNotInPool { .. },
+                    )) => return Ok(()),
+                    Err(e) => return Err(e),
+                },
             },
         };
         delete_volume(cx, &pool, &cx.overlay_name()).await
@@ -94,7 +101,11 @@ pub async fn delete_volume(cx: &JobRun, pool: &str, name: &str) -> Result<(), St
     let deleted = cx
         .hv
         .call(op, move |conn| {
-            let pool = conn.lookup_storage_pool_by_name(&p)?;
+            let pool = match conn.lookup_storage_pool_by_name(&p) {
+                Ok(pool) => pool,
+                Err(e) if is_missing(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            };
             match pool.lookup_storage_vol_by_name(&v) {
                 Ok(vol) => vol.delete(0).map(|()| true),
                 Err(e) if is_missing(&e) => Ok(false),
@@ -111,7 +122,7 @@ pub async fn delete_volume(cx: &JobRun, pool: &str, name: &str) -> Result<(), St
 fn is_missing(e: &virt::error::Error) -> bool {
     matches!(
         Result::from(e.code()),
-        Ok(virt::error::ErrorNumber::NoStorageVolume)
+        Ok(virt::error::ErrorNumber::NoStorageVolume | virt::error::ErrorNumber::NoStoragePool)
     )
 }
 
@@ -122,14 +133,21 @@ async fn resolve_base(cx: &JobRun) -> Result<Base, StageError> {
                 pool: pool.clone(),
                 volume: volume.clone(),
             };
-            let p = pool.clone();
-            let xml = cx
+            let (p, v) = (pool.clone(), volume.clone());
+            let found = cx
                 .hv
                 .call(op, move |conn| {
                     let pool = conn.lookup_storage_pool_by_name(&p)?;
-                    pool.lookup_storage_vol_by_name(&volume)?.xml_desc(0)
+                    pool.lookup_storage_vol_by_name(&v)?.xml_desc(0)
                 })
-                .await?;
+                .await;
+            let xml = match found {
+                Ok(xml) => xml,
+                Err(e) if e.is_not_found() => {
+                    return Err(Refusal::BaseMissing { pool, volume }.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             Ok(Base {
                 pool,
                 facts: inspect::volume(&xml)?,
