@@ -252,6 +252,43 @@ fn a_dropped_ssh_connection_while_the_script_runs_is_resumed_not_rerun() {
     clean_up(&f, &[name]);
 }
 
+#[test]
+fn a_worker_killed_during_a_rollback_leaves_the_next_run_to_finish_it() {
+    let _turn = one_at_a_time();
+    let f = VmFleet::new();
+    let mut workers = Workers::start(&f, &[]);
+    let name = "crash-rollback";
+    let id = f.submit(&f.job(name, "#!/bin/sh\necho failing\nexit 3\n"));
+
+    // A failed job writes `rolling-back` into the domain before it destroys the guest, which
+    // takes a second or more under TCG: the kill lands between the two.
+    let namespace = hatchery::hypervisor::metadata::NAMESPACE;
+    let rolling_back = || {
+        let record = f.env().virsh(&["metadata", name, namespace]);
+        record.contains(">rolling-back<")
+    };
+    assert!(wait_until(FINAL, rolling_back), "{}", workers.logs());
+    workers.kill_and_restart();
+
+    let last = f.wait_final(&id, FINAL);
+    let last = last.unwrap_or_else(|| panic!("not final\n{}", workers.logs()));
+    assert_eq!(last.kind(), Some(EventKind::JobFailed), "{last:?}");
+    let r = result(&last);
+    let failure = r.failure.as_ref().unwrap();
+    assert_eq!(
+        (failure.stage, failure.class),
+        (StageKind::Finish, hatchery::stages::ErrorClass::Interrupted),
+        "the next run finished the rollback instead of running the job again\n{}",
+        workers.logs()
+    );
+    assert_eq!(r.rolled_back, Some(true));
+    assert_eq!(
+        f.stage_events(&id, EventKind::StageStarted, StageKind::Overlay),
+        1
+    );
+    f.assert_clean();
+}
+
 /// Submits one job per name as a batch, runs `fault` once the first guest is defined and
 /// started, then checks that every job finished once and the batch completed. Returns the
 /// workers' logs.
