@@ -278,13 +278,28 @@ impl Endpoint {
         };
         DefaultConnectionBuilder::new()
             .map_err(failed)?
-            .with_uri_str(self.url.clone())
+            .with_uri_str(with_frame_max(&self.url))
             .with_properties(props)
             .with_tls_config(tls)
             .connect()
             .await
             .map_err(failed)
     }
+}
+
+/// The largest AMQP frame hatchery asks the broker for, unless the URL names its own.
+///
+/// lapin keeps a send and a receive buffer of 32 frames per connection, so RabbitMQ's default
+/// of 128 KiB frames keeps 8 MiB resident in every process; 16 KiB frames keep 1 MiB. Jobs
+/// and events are a few KiB: only larger messages are split into more frames.
+const FRAME_MAX: u32 = 16 * 1024;
+
+fn with_frame_max(url: &str) -> String {
+    if url.contains("frame_max=") {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}frame_max={FRAME_MAX}")
 }
 
 /// Whether the TLS handshake failed because the broker's certificate did not verify. The TLS
@@ -325,4 +340,19 @@ async fn trusting(path: &Path) -> Result<OwnedTLSConfig, BrokerError> {
 /// One connection attempt to `url`, trusting the system's certificate authorities only.
 pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, BrokerError> {
     Endpoint::new(url, None).connect(connection_name).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_frame_max;
+
+    #[test]
+    fn small_frames_are_asked_for_unless_the_url_names_a_size() {
+        let plain = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert_eq!(with_frame_max(plain), format!("{plain}?frame_max=16384"));
+        let query = "amqps://mq.example.com/prod?heartbeat=10";
+        assert_eq!(with_frame_max(query), format!("{query}&frame_max=16384"));
+        let own = "amqp://mq/%2f?frame_max=131072";
+        assert_eq!(with_frame_max(own), own);
+    }
 }
