@@ -69,13 +69,5 @@ async fn reports_every_part_and_fails_on_any_missing_one() {
     );
 
     // Leave the broker as we found it.
-    for queue in [
-        format!("{prefix}.jobs"),
-        format!("{prefix}.dead"),
-        format!("{prefix}.delay"),
-    ] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-    }
+    common::fleet::delete_topology(&prefix).await.unwrap();
 }

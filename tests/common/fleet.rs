@@ -225,36 +225,38 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        let names = self.names.clone();
-        let recorder = format!("{}.test-recorder", self.prefix);
-        let _ = self.rt.block_on(async {
-            let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
-            let ch = conn.create_channel().await?;
-            for q in [
-                &names.jobs_queue,
-                &names.dead_queue,
-                &names.delay_queue,
-                &names.batches_queue,
-                &names.cancellations,
-                &recorder,
-            ] {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for x in [
-                &names.jobs_exchange,
-                &names.dead_exchange,
-                &names.events_exchange,
-                &names.delay_exchange,
-            ] {
-                let _ = ch
-                    .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-            conn.close(200, "".into()).await
-        });
+        let _ = self.rt.block_on(delete_topology(&self.prefix));
     }
+}
+
+/// Deletes every queue and exchange whose name starts with `prefix.`: what a test's workers
+/// declared, the hypervisors' queues included, so the broker is left as the test found it.
+pub async fn delete_topology(prefix: &str) -> lapin::Result<()> {
+    let own = format!("{prefix}.");
+    let listed = |what: &str| -> Vec<String> {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", what, "--no-table-headers", "name"])
+            .output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        (text.unwrap_or_default().lines())
+            .map(str::trim)
+            .filter(|name| name.starts_with(&own))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (queues, exchanges) = (listed("list_queues"), listed("list_exchanges"));
+
+    let conn = Connection::connect(URL, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    for q in &queues {
+        let options = QueueDeleteOptions::default();
+        let _ = ch.queue_delete(q.as_str().into(), options).await;
+    }
+    for x in &exchanges {
+        let options = ExchangeDeleteOptions::default();
+        let _ = ch.exchange_delete(x.as_str().into(), options).await;
+    }
+    conn.close(200, "".into()).await
 }
 
 /// Records every event, on a durable queue so that nothing is lost while the broker restarts.
