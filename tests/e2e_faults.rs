@@ -260,15 +260,19 @@ fn a_worker_killed_during_a_rollback_leaves_the_next_run_to_finish_it() {
     let name = "crash-rollback";
     let id = f.submit(&f.job(name, "#!/bin/sh\necho failing\nexit 3\n"));
 
-    // A failed job writes `rolling-back` into the domain before it destroys the guest, which
-    // takes a second or more under TCG: the kill lands between the two.
-    let namespace = hatchery::hypervisor::metadata::NAMESPACE;
-    let rolling_back = || {
-        let record = f.env().virsh(&["metadata", name, namespace]);
-        record.contains(">rolling-back<")
-    };
+    // A failed job writes `rolling-back` into the domain, logs that it rolls back, then
+    // destroys the guest, which takes a second or more under TCG: the kill lands in there.
+    let rolling_back = || workers.all.last().unwrap().log().contains("rolling back");
     assert!(wait_until(FINAL, rolling_back), "{}", workers.logs());
-    workers.kill_and_restart();
+    workers.kill();
+    let namespace = hatchery::hypervisor::metadata::NAMESPACE;
+    let record = f.env().virsh(&["metadata", name, namespace]);
+    assert!(
+        record.contains(">rolling-back<"),
+        "the kill came after the rollback: {record}\n{}",
+        workers.logs()
+    );
+    workers.spawn();
 
     let last = f.wait_final(&id, FINAL);
     let last = last.unwrap_or_else(|| panic!("not final\n{}", workers.logs()));

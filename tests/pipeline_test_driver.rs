@@ -425,6 +425,7 @@ async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
         .unwrap();
     meta.state = JobState::RollingBack;
     meta.failed_stage = Some(StageKind::Finish);
+    meta.failure = Some("script_failed: finish script exited with status 7".into());
     domain::write_metadata(&cx, "half-undone", &meta)
         .await
         .unwrap();
@@ -438,6 +439,8 @@ async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
     let result = sink.result();
     assert_eq!(result["failure"]["class"], "interrupted");
     assert_eq!(result["failure"]["stage"], "finish");
+    let message = result["failure"]["message"].as_str().unwrap();
+    assert!(message.contains("exited with status 7"), "{message}");
     assert_eq!(result["rolled_back"], true);
     assert!(
         !sink.kinds().contains(&EventKind::StageStarted),

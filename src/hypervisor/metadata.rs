@@ -34,6 +34,8 @@ pub struct JobMetadata {
     pub state: JobState,
     /// The stage that failed, once the job has failed.
     pub failed_stage: Option<StageKind>,
+    /// Why it failed (`<class>: <message>`), for the run that finishes an interrupted rollback.
+    pub failure: Option<String>,
     /// When a worker last wrote this record, in seconds since the epoch.
     pub updated_at: Option<i64>,
     /// The finish script's result, kept here before its output is removed from the guest.
@@ -141,6 +143,9 @@ impl JobMetadata {
         if let Some(stage) = self.failed_stage {
             el = el.child(Element::leaf(name("hatchery:failed-stage"), stage.as_str()));
         }
+        if let Some(failure) = &self.failure {
+            el = el.child(Element::leaf(name("hatchery:failure"), failure));
+        }
         if let Some(at) = self.updated_at {
             el = el.child(Element::leaf(name("hatchery:updated-at"), at));
         }
@@ -197,6 +202,7 @@ impl JobMetadata {
             started_at: text("started-at").and_then(|t| t.parse().ok()),
             state: text("state").and_then(JobState::parse).unwrap_or_default(),
             failed_stage: text("failed-stage").and_then(|t| StageKind::from_str(t).ok()),
+            failure: text("failure").map(str::to_owned),
             updated_at: text("updated-at").and_then(|t| t.parse().ok()),
             finish: child("finish").and_then(FinishRecord::parse),
         })
@@ -253,6 +259,7 @@ mod tests {
             started_at: Some(1_700_000_000),
             state: JobState::RollingBack,
             failed_stage: Some(StageKind::Finish),
+            failure: Some("script_failed: finish script exited with status 3".into()),
             updated_at: Some(1_700_000_100),
             finish: Some(FinishRecord {
                 run: Uuid::new_v4(),

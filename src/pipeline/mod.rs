@@ -250,14 +250,24 @@ impl Pipeline {
             true => JobState::Kept,
             false => JobState::RollingBack,
         };
+        // A run finishing an interrupted rollback keeps the first run's reason.
+        let resumed = matches!(f.error, StageError::Interrupted { .. });
+        let why = format!("{}: {}", report.class.as_str(), report.message);
         update_metadata(cx, |meta| {
             meta.state = state;
             meta.failed_stage = Some(f.stage);
+            if !resumed {
+                meta.failure = Some(why);
+            }
         })
         .await;
         if state == JobState::Kept {
             return (outcome, Some(report), Some(false));
         }
+        // FIXME: the record goes with the domain, so a worker dying after the rollback but
+        // before the broker confirmed the final event leaves the redelivered job nothing to
+        // find: it runs again from the start (a new guest, the script once more) and reports
+        // its own outcome.
         let rolled_back = match rollback::run(cx, f.stage).await {
             Ok(()) => true,
             Err(e) => {
@@ -331,7 +341,9 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
             let stage = meta.failed_stage.unwrap_or(StageKind::Finish);
             Some(StageFailure {
                 stage,
-                error: StageError::Interrupted,
+                error: StageError::Interrupted {
+                    earlier: meta.failure,
+                },
             })
         }
         _ => None,

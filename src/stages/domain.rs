@@ -181,6 +181,7 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
         started_at: None,
         state: JobState::Running,
         failed_stage: None,
+        failure: None,
         updated_at: Some(now_secs()),
         finish: None,
     };

@@ -41,8 +41,12 @@ pub enum StageError {
     Timeout(Duration),
     #[error("job was cancelled")]
     Cancelled,
-    #[error("an earlier run of this job failed and began rolling back; the rollback was finished")]
-    Interrupted,
+    /// An earlier run failed, recorded why in the domain, and died rolling back.
+    #[error(
+        "an earlier run of this job failed{} and began rolling back; this run finished the rollback",
+        earlier.as_deref().map(|why| format!(" ({why})")).unwrap_or_default()
+    )]
+    Interrupted { earlier: Option<String> },
 }
 
 /// A job hatchery will not carry out as asked; retrying cannot help.
@@ -142,7 +146,7 @@ impl StageError {
             StageError::ScriptFailed { .. } => ErrorClass::ScriptFailed,
             StageError::Timeout(_) => ErrorClass::Timeout,
             StageError::Cancelled => ErrorClass::Cancelled,
-            StageError::Interrupted => ErrorClass::Interrupted,
+            StageError::Interrupted { .. } => ErrorClass::Interrupted,
         }
     }
 
