@@ -28,20 +28,46 @@ fn finishing_on(host: &TestHost, name: &str, sshd: &common::sshd::Sshd, key_name
     jobs::parse(&doc)
 }
 
+/// A test-driver host, a real sshd that authorises a fresh key, and a pipeline whose key
+/// directory holds that key under `key_name`.
+struct KeyedSshd {
+    host: TestHost,
+    sshd: common::sshd::Sshd,
+    key: common::sshd::KeyPair,
+    keys: tempfile::TempDir,
+    pipeline: Pipeline,
+}
+
+impl KeyedSshd {
+    fn start(key_name: &str) -> Self {
+        let sshd = common::sshd::Sshd::start();
+        let key = common::sshd::generate_key("ed25519", "");
+        sshd.authorize(&key.public);
+        let keys = tempfile::tempdir().unwrap();
+        std::fs::write(keys.path().join(key_name), &key.private).unwrap();
+        let settings = Settings {
+            key_dir: Some(keys.path().to_owned()),
+            ..test_settings()
+        };
+        Self {
+            host: TestHost::new(),
+            sshd,
+            key,
+            keys,
+            pipeline: Pipeline::new(settings, Publisher::new("test")),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn named_keys_come_from_the_key_directory_or_the_environment() {
-    let host = TestHost::new();
-    let sshd = common::sshd::Sshd::start();
-    let key = common::sshd::generate_key("ed25519", "");
-    sshd.authorize(&key.public);
-    let keys = tempfile::tempdir().unwrap();
-    std::fs::write(keys.path().join("fleet"), &key.private).unwrap();
-    let settings = Settings {
-        allow_test_driver: true,
-        key_dir: Some(keys.path().to_owned()),
-        ..Settings::default()
-    };
-    let p = Pipeline::new(settings, Publisher::new("test"));
+    let KeyedSshd {
+        host,
+        sshd,
+        key,
+        keys: _keys,
+        pipeline: p,
+    } = KeyedSshd::start("fleet");
 
     let (outcome, events) = run(&p, finishing_on(&host, "from-dir", &sshd, "fleet")).await;
     assert_eq!(
@@ -137,23 +163,19 @@ async fn the_finish_step_can_hop_through_the_hypervisor() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_script_runs_again_only_when_the_job_asks() {
-    let host = TestHost::new();
-    let sshd = common::sshd::Sshd::start();
-    let key = common::sshd::generate_key("ed25519", "");
-    sshd.authorize(&key.public);
-    let keys = tempfile::tempdir().unwrap();
-    std::fs::write(keys.path().join("k"), &key.private).unwrap();
+    let KeyedSshd {
+        host,
+        sshd,
+        keys,
+        pipeline: p,
+        ..
+    } = KeyedSshd::start("k");
     let counter = keys.path().join("runs");
     std::fs::set_permissions(
         keys.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let settings = Settings {
-        key_dir: Some(keys.path().to_owned()),
-        ..test_settings()
-    };
-    let p = Pipeline::new(settings, Publisher::new("test"));
     // Fails on its first run, succeeds on any later one.
     let script = format!(
         "echo run >> {c}; [ \"$(wc -l < {c})\" -ge 2 ]",
@@ -192,17 +214,13 @@ async fn a_failed_script_runs_again_only_when_the_job_asks() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn output_collected_before_a_crash_reaches_the_next_runs_result() {
-    let host = TestHost::new();
-    let sshd = common::sshd::Sshd::start();
-    let key = common::sshd::generate_key("ed25519", "");
-    sshd.authorize(&key.public);
-    let keys = tempfile::tempdir().unwrap();
-    std::fs::write(keys.path().join("k"), &key.private).unwrap();
-    let settings = Settings {
-        key_dir: Some(keys.path().to_owned()),
-        ..test_settings()
-    };
-    let p = Pipeline::new(settings, Publisher::new("test"));
+    let KeyedSshd {
+        host,
+        sshd,
+        keys: _keys,
+        pipeline: p,
+        ..
+    } = KeyedSshd::start("k");
     let job = finishing_on(&host, "collected-once", &sshd, "k");
 
     let (outcome, first) = run(&p, job.clone()).await;
