@@ -1,5 +1,6 @@
-//! hatchery needs no root: `run` and `check` work as `nobody`, and a libvirtd whose socket
-//! belongs to a group serves a member of that group and refuses everyone else.
+//! hatchery needs no root: `run` and `check` work as `nobody`, a libvirtd whose socket belongs
+//! to a group serves a member of that group and refuses everyone else, and a worker's own user
+//! reaches a hypervisor over `qemu+ssh`-style URIs once its known_hosts vouches for it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,6 +11,7 @@ use std::process::{Command, Output};
 
 use common::fleet::Fleet;
 use common::libvirtd::PrivateLibvirtd;
+use common::sshd::{KEY_USER, Mode, Sshd};
 use common::testdriver::{BASE, NET, POOL, TestHost};
 
 /// `nobody`'s uid and gid on Debian.
@@ -173,5 +175,114 @@ fn a_group_owned_libvirt_socket_admits_its_members_only() {
     assert!(
         rows(&report, "broker")[0].contains("connected"),
         "only libvirt refused: {report}"
+    );
+}
+
+/// The worker's own account in the remote-hypervisor test: a home with `~/.ssh`, as the
+/// systemd unit's `hatchery` user has.
+const WORKER_USER: &str = "hatchery-worker";
+
+/// Creates [`WORKER_USER`] (once; it stays, like the SSH tests' users) and gives it a fresh
+/// `~/.ssh` holding `private_key` as `id_ed25519` and `known_hosts` as its known hosts.
+/// Returns the key's path.
+fn worker_ssh_dir(private_key: &str, known_hosts: &str) -> String {
+    let status = Command::new("useradd")
+        .args(["--create-home", "--shell", "/bin/sh", WORKER_USER])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    // 9: the user exists already, from an earlier run.
+    assert!(status.success() || status.code() == Some(9), "{status}");
+    let ssh = Path::new("/home").join(WORKER_USER).join(".ssh");
+    let _ = std::fs::remove_dir_all(&ssh);
+    std::fs::create_dir_all(&ssh).unwrap();
+    let key = ssh.join("id_ed25519");
+    std::fs::write(&key, private_key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(ssh.join("known_hosts"), known_hosts).unwrap();
+    let owner = format!("{WORKER_USER}:{WORKER_USER}");
+    let chown = Command::new("chown")
+        .args(["-R", &owner])
+        .arg(&ssh)
+        .status();
+    assert!(chown.unwrap().success());
+    key.to_str().unwrap().to_owned()
+}
+
+/// `hatchery ARGS` as [`WORKER_USER`], with its groups and home and nothing else of ours.
+fn hatchery_as_worker(args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={WORKER_USER}"),
+            &format!("--regid={WORKER_USER}"),
+            "--init-groups",
+            "--inh-caps=-all",
+            "--",
+            env!("CARGO_BIN_EXE_hatchery"),
+        ])
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", format!("/home/{WORKER_USER}"))
+        .env("RUST_LOG", "warn")
+        .current_dir("/")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_remote_hypervisor_over_ssh_needs_its_host_key_in_known_hosts() {
+    assert_eq!(euid(), 0, "a libvirtd and an sshd of its own need root");
+    // The hypervisor: libvirtd with a libvirt-group socket, and an sshd whose login user is
+    // in that group, as docs/security.md asks of a remote hypervisor.
+    let daemon = PrivateLibvirtd::start(LIBVIRT_GROUP);
+    let sshd = Sshd::start_with(Mode::KeyOnly);
+    let joined = Command::new("usermod")
+        .args(["--append", "--groups", LIBVIRT_GROUP, KEY_USER])
+        .status();
+    assert!(joined.unwrap().success());
+
+    // The worker: its own user, its key authorised on the hypervisor, the hypervisor's host
+    // key in its known_hosts.
+    let key = common::sshd::generate_key("ed25519", "");
+    sshd.authorize(&key.public);
+    let key_file = worker_ssh_dir(&key.private, &sshd.known_hosts_line());
+    // `netcat` proxying: the far end talks to the socket the URI names, where this test's
+    // daemon listens, instead of the machine's default one.
+    let uri = format!(
+        "test+ssh://{KEY_USER}@127.0.0.1:{}/default?socket={}&proxy=netcat&keyfile={key_file}",
+        sshd.addr().port(),
+        daemon.socket.display()
+    );
+    let fleet = Fleet::new();
+    let config = config_file(
+        &fleet,
+        &format!(
+            "[broker]\nprefix = \"{}\"\n\
+             [hypervisors.remote]\nuri = \"{uri}\"\npool = \"default-pool\"\nnetwork = \"default\"\n",
+            fleet.prefix
+        ),
+    );
+    let hypervisor_row = |report: &str| {
+        let row = report.lines().find(|l| l.starts_with("hypervisor"));
+        row.unwrap_or_default().to_owned()
+    };
+
+    let out = hatchery_as_worker(&["check", "--config", &config]);
+    let report = text(&out.stdout);
+    let context = format!("{report}\n{}\n{}", text(&out.stderr), sshd.log());
+    assert!(out.status.success(), "{context}");
+    assert!(hypervisor_row(&report).contains("libvirt "), "{context}");
+    assert!(sshd.log().contains("Accepted publickey"), "{context}");
+
+    // Without the hypervisor's key in known_hosts, ssh has nobody to ask and refuses.
+    worker_ssh_dir(&key.private, "");
+    let out = hatchery_as_worker(&["check", "--config", &config]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let row = hypervisor_row(&report);
+    assert!(
+        row.contains("FAILED") && row.contains("Host key verification failed"),
+        "{report}"
     );
 }
