@@ -12,8 +12,19 @@ use common::wait_until;
 use hatchery::events::EventKind;
 
 fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    get_in_pieces(addr, path, Duration::ZERO)
+}
+
+/// A GET that reaches the server in two segments `pause` apart, split inside the path, as a
+/// request may arrive from a client that writes it piecemeal.
+fn get_in_pieces(addr: SocketAddr, path: &str, pause: Duration) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
+    stream.set_nodelay(true).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    let (first, rest) = request.split_at(4 + path.len() / 2);
+    stream.write_all(first.as_bytes()).ok()?;
+    std::thread::sleep(pause);
+    stream.write_all(rest.as_bytes()).ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
@@ -63,4 +74,11 @@ fn a_worker_exposes_metrics_and_health() {
         "{body}"
     );
     assert_eq!(get(addr, "/nope").unwrap().0, 404);
+    let pause = Duration::from_millis(100);
+    let (status, body) = get_in_pieces(addr, "/healthz", pause).unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok\n"),
+        "a request in two segments"
+    );
 }
