@@ -110,6 +110,8 @@ fn key_finish(script: &str) -> Value {
 struct Ran {
     outcome: Outcome,
     result: Value,
+    /// The finish output kept in the domain's record, decoded.
+    recorded: String,
 }
 
 /// Runs `doc` through the pipeline, then its finish stage once more on its own (under another
@@ -127,7 +129,10 @@ async fn run(doc: &Value) -> Ran {
 
     // With `on_failure: keep` the domain outlives failures too.
     let xml = domain_xml(&p, &job.hypervisor, job.vm_name()).await;
-    trail += &xml.unwrap_or_else(|| panic!("no domain `{}`", job.vm_name()));
+    let xml = xml.unwrap_or_else(|| panic!("no domain `{}`", job.vm_name()));
+    let recorded = recorded_output(&xml);
+    trail += &recorded;
+    trail += &xml;
 
     let again = Job {
         id: Uuid::new_v4(),
@@ -151,7 +156,24 @@ async fn run(doc: &Value) -> Ran {
     Ran {
         outcome,
         result: sink.result(),
+        recorded,
     }
+}
+
+/// The finish output the domain's record keeps, decoded: it is stored hex-encoded, where a
+/// plain search would miss a secret.
+fn recorded_output(xml: &str) -> String {
+    let mut decoded = String::new();
+    for tag in ["stdout", "stderr"] {
+        let (open, close) = (format!("<hatchery:{tag}>"), format!("</hatchery:{tag}>"));
+        for piece in xml.split(&open).skip(1) {
+            let hex_text = piece.split(&close).next().unwrap_or_default();
+            let bytes = hex::decode(hex_text.trim()).expect("the record's output is hex");
+            decoded += &String::from_utf8_lossy(&bytes);
+            decoded.push('\n');
+        }
+    }
+    decoded
 }
 
 async fn domain_xml(p: &Pipeline, uri: &str, name: &str) -> Option<String> {
@@ -306,6 +328,10 @@ async fn a_script_printing_the_password_is_redacted() {
     assert_eq!(ran.outcome, Outcome::Succeeded, "{}", ran.result);
     assert_eq!(ran.result["finish"]["stdout_tail"], "[redacted]\n");
     assert_eq!(ran.result["finish"]["stderr_tail"], "[redacted]");
+    assert_eq!(
+        ran.recorded, "[redacted]\n\n[redacted]\n",
+        "the domain's record"
+    );
 }
 
 #[tokio::test]
