@@ -182,9 +182,9 @@ impl Default for WorkerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            url: crate::fleet::DEFAULT_AMQP_URL.to_owned(),
             tls_ca: None,
-            prefix: "hatchery".to_owned(),
+            prefix: crate::fleet::DEFAULT_PREFIX.to_owned(),
             ack_timeout: Duration::from_secs(30 * 60),
         }
     }

@@ -59,9 +59,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let uri = write_node(&dir)?;
     let prefix = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
     let broker = BrokerArgs {
-        amqp_url: args.amqp_url.clone(),
+        amqp_url: Some(args.amqp_url.clone()),
         tls_ca: None,
-        prefix: prefix.clone(),
+        prefix: Some(prefix.clone()),
         jobs_exchange: None,
         jobs_queue: None,
         events_exchange: None,

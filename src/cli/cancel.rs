@@ -13,6 +13,9 @@ use crate::fleet::control::ControlMessage;
 pub struct CancelArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// The worker's configuration, for its `broker` table; the flags above win over it.
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
     /// The job's id.
     pub job_id: Uuid,
 }
@@ -20,7 +23,8 @@ pub struct CancelArgs {
 pub fn main(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let (conn, ch, names) = open(&args.broker, "cancel").await?;
+        let broker = args.broker.clone().or_from(&args.config.load()?.broker);
+        let (conn, ch, names) = open(&broker, "cancel").await?;
         // The log every worker reads: the one running the job interrupts it, and any worker
         // that takes it later drops it.
         publish(

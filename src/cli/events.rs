@@ -16,6 +16,9 @@ use crate::fleet::topology;
 pub struct EventsArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// The worker's configuration, for its `broker` table; the flags above win over it.
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
     /// Print each event as one line of JSON.
     #[arg(long)]
     pub json: bool,
@@ -46,8 +49,9 @@ pub fn main(args: EventsArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn tail(args: EventsArgs) -> anyhow::Result<ExitCode> {
-    let names = args.broker.names();
-    let conn = args.broker.endpoint().connect("hatchery events").await?;
+    let broker = args.broker.clone().or_from(&args.config.load()?.broker);
+    let names = broker.names();
+    let conn = broker.endpoint().connect("hatchery events").await?;
     let ch = conn
         .create_channel()
         .await

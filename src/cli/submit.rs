@@ -23,6 +23,9 @@ use crate::job::{self, Limits};
 pub struct SubmitArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// The worker's configuration, for its `broker` table; the flags above win over it.
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
     /// Job files; `-` reads JSON lines (one job per line) from stdin.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -105,7 +108,8 @@ async fn submit(
     jobs: Vec<(Uuid, serde_json::Value)>,
     batch: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let (conn, ch, names) = open(&args.broker, "submit").await?;
+    let broker = args.broker.clone().or_from(&args.config.load()?.broker);
+    let (conn, ch, names) = open(&broker, "submit").await?;
 
     // Listen before publishing, so that no event of a fast job is missed.
     let events = if args.wait {

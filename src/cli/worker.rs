@@ -9,26 +9,29 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::config::BrokerConfig;
 use crate::events::Publisher;
 use crate::fleet::link::Endpoint;
 use crate::fleet::worker::{self, WorkerConfig};
-use crate::fleet::{DEFAULT_AMQP_URL, Link, Names};
+use crate::fleet::{DEFAULT_AMQP_URL, DEFAULT_PREFIX, Link, Names};
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 
 /// Where the broker is and what the fleet's exchanges and queues are called.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// AMQP URL (`amqp://` or `amqps://`).
-    #[arg(long, env = "HATCHERY_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_default_value = true)]
-    pub amqp_url: String,
+    /// AMQP URL (`amqp://` or `amqps://`); `broker.url` in the configuration, else a broker on
+    /// 127.0.0.1 as guest.
+    #[arg(long, env = "HATCHERY_AMQP_URL")]
+    pub amqp_url: Option<String>,
     /// CA certificates (PEM) that vouch for an `amqps://` broker, besides the system's;
     /// `broker.tls_ca` in the configuration.
     #[arg(long, env = "HATCHERY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "HATCHERY_PREFIX", default_value = "hatchery")]
-    pub prefix: String,
+    /// Prefix of every exchange and queue name; `broker.prefix` in the configuration, else
+    /// `hatchery`.
+    #[arg(long, env = "HATCHERY_PREFIX")]
+    pub prefix: Option<String>,
     /// Jobs exchange; `<prefix>.jobs` by default.
     #[arg(long, env = "HATCHERY_JOBS_EXCHANGE")]
     pub jobs_exchange: Option<String>,
@@ -47,13 +50,26 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// Fills what the flags and their variables left open from the configuration's `broker`
+    /// table: the flags win, then the file (with its own variables and `--set`s).
+    pub fn or_from(mut self, file: &BrokerConfig) -> Self {
+        self.amqp_url.get_or_insert_with(|| file.url.clone());
+        self.prefix.get_or_insert_with(|| file.prefix.clone());
+        self.tls_ca = self.tls_ca.or_else(|| file.tls_ca.clone());
+        self
+    }
+
+    pub fn url(&self) -> &str {
+        self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL)
+    }
+
     /// The broker's address, trusting `--tls-ca` if given.
     pub fn endpoint(&self) -> Endpoint {
-        Endpoint::new(&self.amqp_url, self.tls_ca.clone())
+        Endpoint::new(self.url(), self.tls_ca.clone())
     }
 
     pub fn names(&self) -> Names {
-        let mut names = Names::new(&self.prefix);
+        let mut names = Names::new(self.prefix.as_deref().unwrap_or(DEFAULT_PREFIX));
         let set = |slot: &mut String, given: &Option<String>| {
             if let Some(g) = given {
                 slot.clone_from(g);
@@ -75,19 +91,21 @@ pub struct WorkerArgs {
     /// Hypervisors, secrets, timeouts, retries, limits, metrics: see `hatchery.example.toml`.
     #[command(flatten)]
     pub config: super::ConfigArgs,
-    /// Jobs run at once (the prefetch count).
-    #[arg(long, env = "HATCHERY_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
-    pub concurrency: u16,
-    /// Time jobs in flight get to finish after SIGTERM before they go back to the queue.
-    #[arg(long, env = "HATCHERY_GRACE", default_value = "60s", value_parser = parse_duration)]
-    pub grace: Duration,
-    /// The broker's consumer ack timeout; runs older than 80% of it are handed over.
-    #[arg(long, env = "HATCHERY_ACK_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
-    pub ack_timeout: Duration,
+    /// Jobs run at once (the prefetch count); `worker.concurrency`, 16 by default.
+    #[arg(long, env = "HATCHERY_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: Option<u16>,
+    /// Time jobs in flight get to finish after SIGTERM before they go back to the queue;
+    /// `worker.grace_period`, 60s by default.
+    #[arg(long, env = "HATCHERY_GRACE", value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// The broker's consumer ack timeout, past 80% of which runs are handed over;
+    /// `broker.ack_timeout`, 30m by default.
+    #[arg(long, env = "HATCHERY_ACK_TIMEOUT", value_parser = parse_duration)]
+    pub ack_timeout: Option<Duration>,
     /// How long a job that another worker runs waits before it is looked at again.
     #[arg(long, env = "HATCHERY_PARK_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub park_delay: Duration,
-    /// This worker's name in events and logs; `<hostname>-<pid>` by default.
+    /// This worker's name in events and logs; `worker.name`, else `<hostname>-<pid>`.
     #[arg(long, env = "HATCHERY_WORKER_NAME")]
     pub name: Option<String>,
     /// Where consoles listen unless the job says otherwise (`worker.console_listen`).
@@ -99,14 +117,15 @@ pub struct WorkerArgs {
 }
 
 pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let name = args
-        .name
-        .unwrap_or_else(|| format!("{}-{}", super::run::hostname(), std::process::id()));
     let file = args.config.load()?;
+    let name = (args.name)
+        .or_else(|| Some(file.worker.name.clone()).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| format!("{}-{}", super::run::hostname(), std::process::id()));
+    let broker = args.broker.or_from(&file.broker);
     let config = WorkerConfig {
-        concurrency: args.concurrency,
-        grace: args.grace,
-        ack_timeout: args.ack_timeout,
+        concurrency: args.concurrency.unwrap_or(file.worker.concurrency),
+        grace: args.grace.unwrap_or(file.worker.grace_period),
+        ack_timeout: args.ack_timeout.unwrap_or(file.broker.ack_timeout),
         park_delay: args.park_delay,
         limits: file.settings().limits,
         name: name.clone(),
@@ -126,8 +145,7 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = args.key_dir {
         settings.key_dir = Some(dir);
     }
-    let mut endpoint = args.broker.endpoint();
-    endpoint.tls_ca = endpoint.tls_ca.or(file.broker.tls_ca);
+    let endpoint = broker.endpoint();
     let mut publisher = Publisher::new(&name);
     publisher.prefix.clone_from(&file.events.prefix);
     let pipeline = Pipeline::new(settings, publisher);
@@ -148,13 +166,18 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let stop = CancellationToken::new();
         tokio::spawn(stop_on_signal(stop.clone()));
-        let names = args.broker.names();
-        info!(worker = %name, url = %crate::fleet::redact_url(&args.broker.amqp_url), "worker starting");
+        let names = broker.names();
+        let url = crate::fleet::redact_url(broker.url());
+        info!(worker = %name, %url, prefix = %names.prefix, "worker starting");
         let link = Link::start(endpoint, names, &format!("hatchery worker {name}"));
 
         // Side duties that only observe: metrics and health, and the orphan check.
         let metrics = Arc::clone(&pipeline.metrics);
-        tokio::spawn(watch_broker(link.clone(), Arc::clone(&metrics), stop.clone()));
+        tokio::spawn(watch_broker(
+            link.clone(),
+            Arc::clone(&metrics),
+            stop.clone(),
+        ));
         if let Some(addr) = file.worker.metrics_listen {
             let (metrics, stop) = (Arc::clone(&metrics), stop.clone());
             tokio::spawn(async move {
@@ -165,7 +188,12 @@ pub fn main(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(every) = file.worker.reconcile_every {
             let uris: Vec<String> = file.hypervisors.values().map(|h| h.uri.clone()).collect();
-            tokio::spawn(reconcile_loop(uris, every, file.worker.reconcile_apply, stop.clone()));
+            tokio::spawn(reconcile_loop(
+                uris,
+                every,
+                file.worker.reconcile_apply,
+                stop.clone(),
+            ));
         }
 
         worker::run(link, pipeline, config, stop).await;

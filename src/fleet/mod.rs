@@ -61,8 +61,10 @@ pub use link::Link;
 pub use names::Names;
 pub use outbox::Outbox;
 
-/// The broker URL when neither flag nor environment gives one.
+/// The broker URL when neither flag, environment nor configuration gives one.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The prefix of every exchange and queue name unless one is given.
+pub const DEFAULT_PREFIX: &str = "hatchery";
 
 /// The URL without its password, for logs and error messages.
 pub fn redact_url(url: &str) -> String {

@@ -22,7 +22,8 @@ pub struct Names {
     pub batches_queue: String,
     /// Stream of cancellation requests that every worker reads from its start.
     pub cancellations: String,
-    prefix: String,
+    /// What every name above starts with, unless set one by one.
+    pub prefix: String,
 }
 
 /// The routing key jobs travel with on the jobs exchange.
@@ -69,6 +70,6 @@ impl Names {
 
 impl Default for Names {
     fn default() -> Self {
-        Self::new("hatchery")
+        Self::new(super::DEFAULT_PREFIX)
     }
 }
