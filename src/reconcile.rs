@@ -53,6 +53,7 @@ pub async fn find(hv: &Arc<Hypervisor>, older_than: Duration) -> Result<Vec<Orph
     for d in &marked {
         let reason = match d.meta.state {
             JobState::RollingBack if stale(&d.meta) => "rollback never finished",
+            JobState::RolledBack if stale(&d.meta) => "rolled back; its outcome never published",
             JobState::Running if stale(&d.meta) => "abandoned: no worker updated it",
             _ => continue,
         };
@@ -63,7 +64,10 @@ pub async fn find(hv: &Arc<Hypervisor>, older_than: Duration) -> Result<Vec<Orph
             job_id: Some(d.meta.job_id),
             reason,
         });
-        // Its overlay goes with it.
+        // Its overlay goes with it, unless a finished rollback deleted it already.
+        if d.meta.state == JobState::RolledBack {
+            continue;
+        }
         orphans.push(Orphan {
             kind: OrphanKind::Volume,
             name: d.meta.overlay_volume.clone(),

@@ -452,6 +452,78 @@ async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
 }
 
 #[tokio::test]
+async fn a_finished_rollback_whose_outcome_was_lost_is_reported_again_and_frees_the_name() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let job = Arc::new(jobs::parse(&jobs::provision(&host.uri, "undone")));
+    let mut cx = JobRun::new(
+        Arc::clone(&job),
+        p.hypervisors.get(&host.uri),
+        Arc::clone(&p.settings),
+        1,
+    );
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+
+    // A worker rolled the job back and died before the broker had its outcome: the guest is
+    // stopped and the overlay gone, and the definition keeps the record.
+    hatchery::stages::rollback::run(&cx, StageKind::Domain)
+        .await
+        .unwrap();
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["undone".to_owned()]);
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+    let meta = domain::read_metadata(&cx, "undone").await.unwrap();
+    assert_eq!(meta.unwrap().unwrap().state, JobState::RolledBack);
+
+    // Another job may take the name at once: the definition is only a record.
+    let (outcome, _) = run(&p, jobs::parse(&jobs::provision(&host.uri, "undone"))).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let (domains, _) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["undone".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_finished_rollback_reports_it_without_running_the_job() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let job = Arc::new(jobs::parse(&jobs::provision(&host.uri, "undone-once")));
+    let mut cx = JobRun::new(
+        Arc::clone(&job),
+        p.hypervisors.get(&host.uri),
+        Arc::clone(&p.settings),
+        1,
+    );
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+    hatchery::stages::rollback::run(&cx, StageKind::Domain)
+        .await
+        .unwrap();
+
+    let sink = Collect::default();
+    let outcome = p
+        .run((*job).clone(), 2, CancellationToken::new(), &sink)
+        .await;
+
+    assert_eq!(outcome, Outcome::Failed);
+    let result = sink.result();
+    assert_eq!(result["failure"]["class"], "interrupted");
+    assert_eq!(result["rolled_back"], true);
+    assert!(
+        !sink.kinds().contains(&EventKind::StageStarted),
+        "no stage ran again"
+    );
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert!(
+        domains.is_empty(),
+        "the record went once the outcome was out: {domains:?}"
+    );
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+}
+
+#[tokio::test]
 async fn the_reconciler_finds_only_what_no_job_owns() {
     let host = TestHost::new();
     let p = pipeline();

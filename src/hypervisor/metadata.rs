@@ -67,6 +67,10 @@ pub enum JobState {
     Running,
     /// The job failed and its rollback started; a redelivery finishes the rollback.
     RollingBack,
+    /// The rollback is done: the guest is stopped and its overlay gone. Only this definition,
+    /// holding the record, is left until the job's outcome is published; a redelivery that
+    /// finds it reports the outcome again instead of running the job.
+    RolledBack,
     /// The job failed and asked to keep what it made.
     Kept,
     Succeeded,
@@ -77,6 +81,7 @@ impl JobState {
         match self {
             JobState::Running => "running",
             JobState::RollingBack => "rolling-back",
+            JobState::RolledBack => "rolled-back",
             JobState::Kept => "kept",
             JobState::Succeeded => "succeeded",
         }
@@ -86,6 +91,7 @@ impl JobState {
         [
             Self::Running,
             Self::RollingBack,
+            Self::RolledBack,
             Self::Kept,
             Self::Succeeded,
         ]

@@ -154,6 +154,7 @@ impl Pipeline {
                     .event(outcome.event_kind(), &subject, batch, "", data),
             )
             .await;
+            forget_rolled_back(&cx, rolled_back).await;
             return outcome;
         }
 
@@ -203,6 +204,7 @@ impl Pipeline {
                 .event(kind, &subject, batch, "", EventData::Result(result)),
         )
         .await;
+        forget_rolled_back(&cx, rolled_back).await;
         outcome
     }
 
@@ -264,10 +266,6 @@ impl Pipeline {
         if state == JobState::Kept {
             return (outcome, Some(report), Some(false));
         }
-        // FIXME: the record goes with the domain, so a worker dying after the rollback but
-        // before the broker confirmed the final event leaves the redelivered job nothing to
-        // find: it runs again from the start (a new guest, the script once more) and reports
-        // its own outcome.
         let rolled_back = match rollback::run(cx, f.stage).await {
             Ok(()) => true,
             Err(e) => {
@@ -336,7 +334,10 @@ async fn heartbeat(cx: JobRun) {
 async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
     cx.job.provision()?;
     match domain::read_metadata(cx, cx.job.vm_name()).await {
-        Ok(Some(Some(meta))) if meta.job_id == cx.job.id && meta.state == JobState::RollingBack => {
+        Ok(Some(Some(meta)))
+            if meta.job_id == cx.job.id
+                && matches!(meta.state, JobState::RollingBack | JobState::RolledBack) =>
+        {
             warn!("resuming an interrupted rollback");
             let stage = meta.failed_stage.unwrap_or(StageKind::Finish);
             Some(StageFailure {
@@ -347,6 +348,17 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
             })
         }
         _ => None,
+    }
+}
+
+/// After the outcome of a rolled-back job is out, removes the definition the rollback kept
+/// for its record. Best effort: the reconciler clears what is left.
+async fn forget_rolled_back(cx: &JobRun, rolled_back: Option<bool>) {
+    if rolled_back != Some(true) {
+        return;
+    }
+    if let Err(e) = domain::forget(cx).await {
+        warn!(error = %chain(&e), "could not remove the rolled-back domain's definition");
     }
 }
 

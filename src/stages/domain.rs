@@ -28,6 +28,13 @@ impl Stage for Domain {
                 debug!(domain = %name, "domain already defined by this job; adopting it");
                 meta
             }
+            // What an earlier job rolled back is only a record awaiting its job's outcome:
+            // the name is free again.
+            Some(Some(meta)) if meta.state == JobState::RolledBack => {
+                debug!(domain = %name, earlier_job = %meta.job_id, "replacing a rolled-back definition");
+                undefine(cx, &name).await?;
+                define(cx, &name).await?
+            }
             Some(_) => return Err(Refusal::DomainTaken { name }.into()),
             None => define(cx, &name).await?,
         };
@@ -72,10 +79,13 @@ impl Stage for Domain {
         Ok(())
     }
 
+    /// Stops the guest. The definition stays, holding the job's record, until the job's
+    /// outcome is published ([`forget`]): a worker dying before that leaves the next run a
+    /// finished rollback to report rather than a job to run again.
     async fn undo(cx: &JobRun) -> Result<(), StageError> {
         let name = cx.job.vm_name().to_owned();
         match read_metadata(cx, &name).await? {
-            Some(Some(meta)) if meta.job_id == cx.job.id => remove(cx, &name).await,
+            Some(Some(meta)) if meta.job_id == cx.job.id => destroy(cx, &name).await,
             Some(_) => {
                 warn!(domain = %name, "domain belongs to another job; rollback leaves it alone");
                 Ok(())
@@ -142,6 +152,18 @@ pub async fn write_metadata(cx: &JobRun, name: &str, meta: &JobMetadata) -> Resu
         })
         .await?;
     Ok(())
+}
+
+/// Removes the definition a finished rollback left, once the job's outcome is published.
+pub async fn forget(cx: &JobRun) -> Result<(), StageError> {
+    let name = cx.job.vm_name();
+    let _record = cx.hv.metadata_lock(name).await;
+    match read_metadata(cx, name).await? {
+        Some(Some(meta)) if meta.job_id == cx.job.id && meta.state == JobState::RolledBack => {
+            undefine(cx, name).await
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Changes the job's own record in its domain, holding this worker's lock on that record.

@@ -3,13 +3,16 @@
 use tracing::{info, warn};
 
 use super::address::Address;
-use super::domain::Domain;
+use super::domain::{self, Domain};
 use super::finish::Finish;
 use super::overlay::Overlay;
 use super::{JobRun, Stage, StageError, StageKind};
+use crate::hypervisor::metadata::JobState;
 
-/// Undoes the stages up to and including `reached`, the last one the job started, newest first.
-/// Each undo is safe to repeat, so a rollback cut short by a crash completes when run again.
+/// Undoes the stages up to and including `reached`, the last one the job started, newest first,
+/// then marks the domain's record rolled back (the caller removes the definition once the
+/// outcome is published). Each undo is safe to repeat, so a rollback cut short by a crash
+/// completes when run again.
 pub async fn run(cx: &JobRun, reached: StageKind) -> Result<(), StageError> {
     info!(stage = %reached, "rolling back");
     for kind in StageKind::PROVISION
@@ -29,5 +32,6 @@ pub async fn run(cx: &JobRun, reached: StageKind) -> Result<(), StageError> {
             return Err(e);
         }
     }
+    domain::update_metadata(cx, |meta| meta.state = JobState::RolledBack).await?;
     Ok(())
 }

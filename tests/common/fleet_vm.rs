@@ -234,6 +234,8 @@ impl VmFleet {
 
     /// Nothing is left in libvirt but the base image, and nothing in the jobs queue.
     pub fn assert_clean(&self) {
+        // A rolled-back job's definition goes just after its outcome is published.
+        wait_until(Duration::from_secs(10), || self.domains().is_empty());
         assert_eq!(self.domains(), Vec::<String>::new(), "domains left behind");
         assert_eq!(
             self.volumes(),
