@@ -340,10 +340,14 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
         {
             warn!("resuming an interrupted rollback");
             let stage = meta.failed_stage.unwrap_or(StageKind::Finish);
+            // The record reads `<class>: <message>`, as `fail` wrote it.
+            let class = meta.failure.as_deref().and_then(|f| f.split_once(':'));
+            let cancelled = class.is_some_and(|(c, _)| c == ErrorClass::Cancelled.as_str());
             Some(StageFailure {
                 stage,
                 error: StageError::Interrupted {
                     earlier: meta.failure,
+                    cancelled,
                 },
             })
         }

@@ -46,7 +46,12 @@ pub enum StageError {
         "an earlier run of this job failed{} and began rolling back; this run finished the rollback",
         earlier.as_deref().map(|why| format!(" ({why})")).unwrap_or_default()
     )]
-    Interrupted { earlier: Option<String> },
+    Interrupted {
+        earlier: Option<String>,
+        /// The earlier run was cancelled: this one reports a cancellation too, so both
+        /// publish the same final event.
+        cancelled: bool,
+    },
 }
 
 /// A job hatchery will not carry out as asked; retrying cannot help.
@@ -146,6 +151,9 @@ impl StageError {
             StageError::ScriptFailed { .. } => ErrorClass::ScriptFailed,
             StageError::Timeout(_) => ErrorClass::Timeout,
             StageError::Cancelled => ErrorClass::Cancelled,
+            StageError::Interrupted {
+                cancelled: true, ..
+            } => ErrorClass::Cancelled,
             StageError::Interrupted { .. } => ErrorClass::Interrupted,
         }
     }

@@ -1,0 +1,197 @@
+//! Jobs that come back after a crash on libvirt's test driver: rollbacks cut short or finished
+//! without their outcome published, and the reconciler that finds what no job owns.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::capture::Collect;
+use common::jobs;
+use common::pipeline::{inventory, pipeline, run};
+use common::testdriver::{BASE, TestHost};
+use tokio_util::sync::CancellationToken;
+
+use hatchery::events::EventKind;
+use hatchery::hypervisor::metadata::JobState;
+use hatchery::pipeline::{Outcome, Pipeline};
+use hatchery::reconcile;
+use hatchery::stages::domain::{self, Domain};
+use hatchery::stages::overlay::Overlay;
+use hatchery::stages::{JobRun, Stage, StageKind};
+
+/// A job whose overlay and domain stages ran, as a worker that died right after would leave
+/// it, and the run context that made them.
+async fn half_made(p: &Pipeline, uri: &str, name: &str) -> (Arc<hatchery::job::Job>, JobRun) {
+    let job = Arc::new(jobs::parse(&jobs::provision(uri, name)));
+    let hv = p.hypervisors.get(uri);
+    let mut cx = JobRun::new(Arc::clone(&job), hv, Arc::clone(&p.settings), 1);
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+    (job, cx)
+}
+
+#[tokio::test]
+async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let job = Arc::new(jobs::parse(&jobs::provision(&host.uri, "half-undone")));
+
+    // A worker made the overlay and the domain, failed, began rolling back, and died.
+    let mut cx = JobRun::new(
+        Arc::clone(&job),
+        p.hypervisors.get(&host.uri),
+        Arc::clone(&p.settings),
+        1,
+    );
+    cx.deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    Overlay::run(&mut cx).await.unwrap();
+    Domain::run(&mut cx).await.unwrap();
+    let mut meta = domain::read_metadata(&cx, "half-undone")
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    meta.state = JobState::RollingBack;
+    meta.failed_stage = Some(StageKind::Finish);
+    meta.failure = Some("script_failed: finish script exited with status 7".into());
+    domain::write_metadata(&cx, "half-undone", &meta)
+        .await
+        .unwrap();
+
+    let sink = Collect::default();
+    let outcome = p
+        .run((*job).clone(), 2, CancellationToken::new(), &sink)
+        .await;
+
+    assert_eq!(outcome, Outcome::Failed);
+    let result = sink.result();
+    assert_eq!(result["failure"]["class"], "interrupted");
+    assert_eq!(result["failure"]["stage"], "finish");
+    let message = result["failure"]["message"].as_str().unwrap();
+    assert!(message.contains("exited with status 7"), "{message}");
+    assert_eq!(result["rolled_back"], true);
+    assert!(
+        !sink.kinds().contains(&EventKind::StageStarted),
+        "no stage ran again"
+    );
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert!(domains.is_empty(), "{domains:?}");
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+}
+
+#[tokio::test]
+async fn a_cancellation_cut_short_by_a_crash_is_reported_as_a_cancellation_again() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let (job, cx) = half_made(&p, &host.uri, "cancel-undone").await;
+    let name = "cancel-undone";
+    let mut meta = domain::read_metadata(&cx, name).await.unwrap().unwrap();
+    let meta = meta.as_mut().unwrap();
+    meta.state = JobState::RollingBack;
+    meta.failed_stage = Some(StageKind::Address);
+    meta.failure = Some("cancelled: job was cancelled".into());
+    domain::write_metadata(&cx, name, meta).await.unwrap();
+
+    let sink = Collect::default();
+    let outcome = p
+        .run((*job).clone(), 2, CancellationToken::new(), &sink)
+        .await;
+
+    // The same kind of final event as the first run's, so the same event id.
+    assert_eq!(outcome, Outcome::Cancelled);
+    assert_eq!(sink.result()["failure"]["class"], "cancelled");
+    assert!(inventory(&p, &host.uri).await.0.is_empty());
+}
+
+#[tokio::test]
+async fn a_finished_rollback_whose_outcome_was_lost_is_reported_again_and_frees_the_name() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let (_, cx) = half_made(&p, &host.uri, "undone").await;
+
+    // A worker rolled the job back and died before the broker had its outcome: the guest is
+    // stopped and the overlay gone, and the definition keeps the record.
+    hatchery::stages::rollback::run(&cx, StageKind::Domain)
+        .await
+        .unwrap();
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["undone".to_owned()]);
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+    let meta = domain::read_metadata(&cx, "undone").await.unwrap();
+    assert_eq!(meta.unwrap().unwrap().state, JobState::RolledBack);
+
+    // Another job may take the name at once: the definition is only a record.
+    let (outcome, _) = run(&p, jobs::parse(&jobs::provision(&host.uri, "undone"))).await;
+    assert_eq!(outcome, Outcome::Succeeded);
+    let (domains, _) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["undone".to_owned()]);
+}
+
+#[tokio::test]
+async fn a_redelivery_after_a_finished_rollback_reports_it_without_running_the_job() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let (job, cx) = half_made(&p, &host.uri, "undone-once").await;
+    hatchery::stages::rollback::run(&cx, StageKind::Domain)
+        .await
+        .unwrap();
+
+    let sink = Collect::default();
+    let outcome = p
+        .run((*job).clone(), 2, CancellationToken::new(), &sink)
+        .await;
+
+    assert_eq!(outcome, Outcome::Failed);
+    let result = sink.result();
+    assert_eq!(result["failure"]["class"], "interrupted");
+    assert_eq!(result["rolled_back"], true);
+    assert!(
+        !sink.kinds().contains(&EventKind::StageStarted),
+        "no stage ran again"
+    );
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert!(
+        domains.is_empty(),
+        "the record went once the outcome was out: {domains:?}"
+    );
+    assert_eq!(volumes, vec![BASE.to_owned()]);
+}
+
+#[tokio::test]
+async fn the_reconciler_finds_only_what_no_job_owns() {
+    let host = TestHost::new();
+    let p = pipeline();
+    let hv = p.hypervisors.get(&host.uri);
+
+    // A healthy VM, a kept failure, and an abandoned half-made one.
+    let (ok, _) = run(&p, jobs::parse(&jobs::provision(&host.uri, "healthy"))).await;
+    assert_eq!(ok, Outcome::Succeeded);
+    let (_, cx) = half_made(&p, &host.uri, "abandoned").await;
+    let mut meta = domain::read_metadata(&cx, "abandoned")
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    meta.updated_at = Some(1_000);
+    domain::write_metadata(&cx, "abandoned", &meta)
+        .await
+        .unwrap();
+
+    let day = std::time::Duration::from_secs(86_400);
+    let orphans = reconcile::find(&hv, day).await.unwrap();
+    let names: Vec<&str> = orphans.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(orphans.len(), 2, "{orphans:?}");
+    assert_eq!(names[0], "abandoned");
+    assert!(names[1].starts_with("abandoned-"), "its overlay: {names:?}");
+
+    assert_eq!(reconcile::remove(&hv, &orphans, day).await.unwrap(), 2);
+    let (domains, volumes) = inventory(&p, &host.uri).await;
+    assert_eq!(domains, vec!["healthy".to_owned()]);
+    assert_eq!(
+        volumes.len(),
+        2,
+        "the base and the healthy VM's overlay: {volumes:?}"
+    );
+}
