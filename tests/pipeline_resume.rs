@@ -32,6 +32,26 @@ async fn half_made(p: &Pipeline, uri: &str, name: &str) -> (Arc<hatchery::job::J
     (job, cx)
 }
 
+/// A job a worker rolled back and then died with, before the broker had its outcome.
+async fn rolled_back_unpublished(
+    p: &Pipeline,
+    uri: &str,
+    name: &str,
+) -> (Arc<hatchery::job::Job>, JobRun) {
+    let (job, cx) = half_made(p, uri, name).await;
+    hatchery::stages::rollback::run(&cx, StageKind::Domain)
+        .await
+        .unwrap();
+    (job, cx)
+}
+
+/// Delivers `job` again, as its second attempt after the first worker died.
+async fn redeliver(p: &Pipeline, job: &hatchery::job::Job) -> (Outcome, Collect) {
+    let sink = Collect::default();
+    let outcome = p.run(job.clone(), 2, CancellationToken::new(), &sink).await;
+    (outcome, sink)
+}
+
 #[tokio::test]
 async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
     let host = TestHost::new();
@@ -60,10 +80,7 @@ async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
         .await
         .unwrap();
 
-    let sink = Collect::default();
-    let outcome = p
-        .run((*job).clone(), 2, CancellationToken::new(), &sink)
-        .await;
+    let (outcome, sink) = redeliver(&p, &job).await;
 
     assert_eq!(outcome, Outcome::Failed);
     let result = sink.result();
@@ -94,10 +111,7 @@ async fn a_cancellation_cut_short_by_a_crash_is_reported_as_a_cancellation_again
     meta.failure = Some("cancelled: job was cancelled".into());
     domain::write_metadata(&cx, name, meta).await.unwrap();
 
-    let sink = Collect::default();
-    let outcome = p
-        .run((*job).clone(), 2, CancellationToken::new(), &sink)
-        .await;
+    let (outcome, sink) = redeliver(&p, &job).await;
 
     // The same kind of final event as the first run's, so the same event id.
     assert_eq!(outcome, Outcome::Cancelled);
@@ -109,13 +123,9 @@ async fn a_cancellation_cut_short_by_a_crash_is_reported_as_a_cancellation_again
 async fn a_finished_rollback_whose_outcome_was_lost_is_reported_again_and_frees_the_name() {
     let host = TestHost::new();
     let p = pipeline();
-    let (_, cx) = half_made(&p, &host.uri, "undone").await;
+    let (_, cx) = rolled_back_unpublished(&p, &host.uri, "undone").await;
 
-    // A worker rolled the job back and died before the broker had its outcome: the guest is
-    // stopped and the overlay gone, and the definition keeps the record.
-    hatchery::stages::rollback::run(&cx, StageKind::Domain)
-        .await
-        .unwrap();
+    // The guest is stopped and the overlay gone; the definition keeps the record.
     let (domains, volumes) = inventory(&p, &host.uri).await;
     assert_eq!(domains, vec!["undone".to_owned()]);
     assert_eq!(volumes, vec![BASE.to_owned()]);
@@ -133,15 +143,9 @@ async fn a_finished_rollback_whose_outcome_was_lost_is_reported_again_and_frees_
 async fn a_redelivery_after_a_finished_rollback_reports_it_without_running_the_job() {
     let host = TestHost::new();
     let p = pipeline();
-    let (job, cx) = half_made(&p, &host.uri, "undone-once").await;
-    hatchery::stages::rollback::run(&cx, StageKind::Domain)
-        .await
-        .unwrap();
+    let (job, _) = rolled_back_unpublished(&p, &host.uri, "undone-once").await;
 
-    let sink = Collect::default();
-    let outcome = p
-        .run((*job).clone(), 2, CancellationToken::new(), &sink)
-        .await;
+    let (outcome, sink) = redeliver(&p, &job).await;
 
     assert_eq!(outcome, Outcome::Failed);
     let result = sink.result();
