@@ -52,14 +52,27 @@ impl RetryPolicy {
     /// The delays between attempts: each drawn uniformly from zero up to the exponential
     /// ceiling ("full jitter"), so that workers retrying the same failure spread out.
     pub fn delays(&self) -> Delays {
-        let ceilings = ExponentialBuilder::default()
+        self.jittered(Some(self.max_attempts.saturating_sub(1) as usize))
+    }
+
+    /// The delays while a hypervisor cannot be reached at all, as while its daemon restarts:
+    /// full jitter under the same ceilings, but not counted against the attempts, because
+    /// the stage's work was not tried. Only `max_elapsed` ends them.
+    pub fn reconnect_delays(&self) -> Delays {
+        self.jittered(None)
+    }
+
+    fn jittered(&self, times: Option<usize>) -> Delays {
+        let builder = ExponentialBuilder::default()
             .with_min_delay(self.initial_delay)
             .with_max_delay(self.max_delay)
-            .with_factor(2.0)
-            .with_max_times(self.max_attempts.saturating_sub(1) as usize)
-            .build();
+            .with_factor(2.0);
+        let builder = match times {
+            Some(n) => builder.with_max_times(n),
+            None => builder.without_max_times(),
+        };
         Delays {
-            ceilings: Box::new(ceilings),
+            ceilings: Box::new(builder.build()),
         }
     }
 }
@@ -99,5 +112,18 @@ mod tests {
                 "{delay:?} above {ceiling} ms"
             );
         }
+    }
+
+    #[test]
+    fn reconnect_delays_outlast_the_attempts_under_the_same_ceiling() {
+        let policy = RetryPolicy {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(400),
+            max_attempts: 2,
+            max_elapsed: Duration::from_secs(60),
+        };
+        let delays: Vec<Duration> = policy.reconnect_delays().take(50).collect();
+        assert_eq!(delays.len(), 50);
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(400)));
     }
 }

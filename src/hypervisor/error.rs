@@ -103,6 +103,14 @@ impl LibvirtError {
         connection_lost || busy
     }
 
+    /// Whether the hypervisor could not be reached at all (its daemon down or restarting), as
+    /// opposed to a call that reached it and failed.
+    pub fn is_unreachable(&self) -> bool {
+        // A socket the worker may not open is a configuration to fix, not a daemon to await.
+        let refused = self.source.message().contains("Permission denied");
+        matches!(self.op, Op::Connect { .. }) && self.is_transient() && !refused
+    }
+
     /// Whether libvirt does not implement the call for this hypervisor (the test driver, say).
     pub fn is_unsupported(&self) -> bool {
         matches!(self.code(), Some(ErrorNumber::NoSupport))

@@ -47,6 +47,7 @@ impl Pipeline {
         let policy = self.settings.retry.with_overrides(job_retry.as_ref());
         let retry_scripts = job_retry.is_some_and(|r| r.script_failures);
         let mut delays = policy.delays();
+        let mut reconnects = policy.reconnect_delays();
         let first = Instant::now();
         let mut attempt = 1;
         loop {
@@ -85,10 +86,15 @@ impl Pipeline {
 
             // Retry only what may pass next time, and only within the policy's budget.
             // A failed script is retried only when the job asks; its next run starts afresh.
+            // An unreachable hypervisor (a daemon restarting) costs no attempt: only time.
             let script_failed = matches!(error, StageError::ScriptFailed { .. });
             let retriable = error.is_transient() || (retry_scripts && script_failed);
+            let budget = match error.is_unreachable() {
+                true => &mut reconnects,
+                false => &mut delays,
+            };
             let delay = (retriable && first.elapsed() < policy.max_elapsed)
-                .then(|| delays.next())
+                .then(|| budget.next())
                 .flatten();
             if delay.is_some() && script_failed {
                 cx.script_run += 1;

@@ -158,6 +158,11 @@ impl StageError {
         }
     }
 
+    /// Whether the hypervisor could not be reached: no attempt at the stage's work was made.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, StageError::Libvirt(e) if e.is_unreachable())
+    }
+
     /// Whether another attempt of the same stage may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
