@@ -1,5 +1,6 @@
 //! Jobs that come back after a crash on libvirt's test driver: rollbacks cut short or finished
-//! without their outcome published, and the reconciler that finds what no job owns.
+//! without their outcome published, a hypervisor whose daemon is not up yet, and the reconciler
+//! that finds what no job owns.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use common::capture::Collect;
 use common::jobs;
+use common::libvirtd::PrivateLibvirtd;
 use common::pipeline::{inventory, pipeline, run};
 use common::testdriver::{BASE, TestHost};
 use tokio_util::sync::CancellationToken;
@@ -198,4 +200,46 @@ async fn the_reconciler_finds_only_what_no_job_owns() {
         2,
         "the base and the healthy VM's overlay: {volumes:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hypervisor_coming_up_late_costs_time_not_attempts() {
+    // A daemon that starts two seconds after the job, as after a libvirtd restart.
+    let dir = tempfile::TempDir::new().unwrap();
+    let socket = PrivateLibvirtd::socket_in(dir.path());
+    let daemon = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        PrivateLibvirtd::start_in(dir, "root")
+    });
+    // A URI with parameters comes from the worker's configuration, never from a job.
+    let uri = format!("test+unix:///default?socket={}", socket.display());
+    let mut settings = common::pipeline::test_settings();
+    settings.hypervisors.insert("late-host".into(), uri);
+    let p = Pipeline::new(settings, hatchery::events::Publisher::new("test"));
+    let mut doc = jobs::provision("late-host", "late");
+    // Two attempts 100 ms apart would be spent long before the daemon answers.
+    doc["provision"]["retry"] = serde_json::json!({
+        "max_attempts": 2, "initial_delay_ms": 100, "max_delay_secs": 1, "max_elapsed_secs": 60
+    });
+
+    let (outcome, events) = run(&p, jobs::parse(&doc)).await;
+    let _daemon = daemon.join().unwrap();
+
+    // The daemon's test driver has no such base: the stage ran, and failed for that reason.
+    assert_eq!(outcome, Outcome::Failed);
+    let failure = &events.result()["failure"];
+    assert_eq!(failure["class"], "refused", "{failure}");
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not in storage pool"),
+        "{failure}"
+    );
+    let retries = events
+        .kinds()
+        .iter()
+        .filter(|k| **k == EventKind::StageRetrying)
+        .count();
+    assert!(retries > 2, "{retries} retries while the daemon was down");
 }

@@ -26,7 +26,16 @@ pub struct PrivateLibvirtd {
 impl PrivateLibvirtd {
     /// Starts libvirtd with its sockets owned by `group`. Needs root, like any libvirtd.
     pub fn start(group: &str) -> Self {
-        let dir = TempDir::new().unwrap();
+        Self::start_in(TempDir::new().unwrap(), group)
+    }
+
+    /// Where the read-write socket of a daemon started in `dir` will be, known before it runs.
+    pub fn socket_in(dir: &Path) -> PathBuf {
+        dir.join("run/libvirt-sock")
+    }
+
+    /// Like [`PrivateLibvirtd::start`], in a directory chosen beforehand.
+    pub fn start_in(dir: TempDir, group: &str) -> Self {
         let root = dir.path();
         for sub in ["etc", "run", "lib", "cache", "log"] {
             std::fs::create_dir(root.join(sub)).unwrap();
@@ -69,7 +78,7 @@ impl PrivateLibvirtd {
             .spawn()
             .expect("unshare runs");
 
-        let socket = root.join("run/libvirt-sock");
+        let socket = Self::socket_in(root);
         let daemon = Self { dir, socket, child };
         let up = || {
             Command::new("virsh")
