@@ -14,13 +14,13 @@ use common::pipeline::{inventory, pipeline, run};
 use common::testdriver::{BASE, TestHost};
 use tokio_util::sync::CancellationToken;
 
-use hatchery::events::EventKind;
+use hatchery::events::{EventKind, Failure};
 use hatchery::hypervisor::metadata::JobState;
 use hatchery::pipeline::{Outcome, Pipeline};
 use hatchery::reconcile;
 use hatchery::stages::domain::{self, Domain};
 use hatchery::stages::overlay::Overlay;
-use hatchery::stages::{JobRun, Stage, StageKind};
+use hatchery::stages::{ErrorClass, JobRun, Stage, StageKind};
 
 /// A job whose overlay and domain stages ran, as a worker that died right after would leave
 /// it, and the run context that made them.
@@ -76,8 +76,11 @@ async fn a_rollback_cut_short_by_a_crash_is_finished_on_redelivery() {
         .unwrap()
         .unwrap();
     meta.state = JobState::RollingBack;
-    meta.failed_stage = Some(StageKind::Finish);
-    meta.failure = Some("script_failed: finish script exited with status 7".into());
+    meta.failure = Some(Failure {
+        stage: StageKind::Finish,
+        class: ErrorClass::ScriptFailed,
+        message: "finish script exited with status 7".into(),
+    });
     domain::write_metadata(&cx, "half-undone", &meta)
         .await
         .unwrap();
@@ -109,8 +112,11 @@ async fn a_cancellation_cut_short_by_a_crash_is_reported_as_a_cancellation_again
     let mut meta = domain::read_metadata(&cx, name).await.unwrap().unwrap();
     let meta = meta.as_mut().unwrap();
     meta.state = JobState::RollingBack;
-    meta.failed_stage = Some(StageKind::Address);
-    meta.failure = Some("cancelled: job was cancelled".into());
+    meta.failure = Some(Failure {
+        stage: StageKind::Address,
+        class: ErrorClass::Cancelled,
+        message: "job was cancelled".into(),
+    });
     domain::write_metadata(&cx, name, meta).await.unwrap();
 
     let (outcome, sink) = redeliver(&p, &job).await;

@@ -163,7 +163,7 @@ async fn keep_leaves_the_failed_vm_for_inspection() {
     let meta = domain::read_metadata(&cx, "kept").await.unwrap().unwrap();
     let meta = meta.unwrap();
     assert_eq!(meta.state, JobState::Kept);
-    assert_eq!(meta.failed_stage, Some(StageKind::Finish));
+    assert_eq!(meta.failure.map(|f| f.stage), Some(StageKind::Finish));
     let orphans = reconcile::find(&hv, std::time::Duration::ZERO)
         .await
         .unwrap();

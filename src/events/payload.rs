@@ -47,7 +47,7 @@ pub struct StageReport {
 }
 
 /// Why a stage or a job failed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Failure {
     pub stage: StageKind,

@@ -7,8 +7,9 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 use super::xml::Element;
+use crate::events::Failure;
 use crate::job::BatchRef;
-use crate::stages::StageKind;
+use crate::stages::{ErrorClass, StageKind};
 
 /// The XML namespace of hatchery's `<metadata>` element. Its presence marks a domain as
 /// hatchery's; nothing without it is ever modified or removed.
@@ -32,10 +33,9 @@ pub struct JobMetadata {
     /// belong to an earlier guest.
     pub started_at: Option<i64>,
     pub state: JobState,
-    /// The stage that failed, once the job has failed.
-    pub failed_stage: Option<StageKind>,
-    /// Why it failed (`<class>: <message>`), for the run that finishes an interrupted rollback.
-    pub failure: Option<String>,
+    /// Where and why the job failed, once it has, for the run that finishes an interrupted
+    /// rollback.
+    pub failure: Option<Failure>,
     /// When a worker last wrote this record, in seconds since the epoch.
     pub updated_at: Option<i64>,
     /// The finish script's result, kept here before its output is removed from the guest.
@@ -146,11 +146,13 @@ impl JobMetadata {
             el = el.child(Element::leaf(name("hatchery:started-at"), at));
         }
         el = el.child(Element::leaf(name("hatchery:state"), self.state.as_str()));
-        if let Some(stage) = self.failed_stage {
-            el = el.child(Element::leaf(name("hatchery:failed-stage"), stage.as_str()));
-        }
         if let Some(failure) = &self.failure {
-            el = el.child(Element::leaf(name("hatchery:failure"), failure));
+            let stage = failure.stage.as_str();
+            el = el.child(Element::leaf(name("hatchery:failed-stage"), stage));
+            el = el.child(
+                Element::leaf(name("hatchery:failure"), &failure.message)
+                    .attr("class", failure.class.as_str()),
+            );
         }
         if let Some(at) = self.updated_at {
             el = el.child(Element::leaf(name("hatchery:updated-at"), at));
@@ -207,8 +209,16 @@ impl JobMetadata {
                 .into(),
             started_at: text("started-at").and_then(|t| t.parse().ok()),
             state: text("state").and_then(JobState::parse).unwrap_or_default(),
-            failed_stage: text("failed-stage").and_then(|t| StageKind::from_str(t).ok()),
-            failure: text("failure").map(str::to_owned),
+            failure: text("failed-stage")
+                .and_then(|t| StageKind::from_str(t).ok())
+                .map(|stage| Failure {
+                    stage,
+                    // A record without a class still names where the job failed.
+                    class: (child("failure").and_then(|n| n.attribute("class")))
+                        .and_then(ErrorClass::parse)
+                        .unwrap_or(ErrorClass::Interrupted),
+                    message: text("failure").unwrap_or_default().to_owned(),
+                }),
             updated_at: text("updated-at").and_then(|t| t.parse().ok()),
             finish: child("finish").and_then(FinishRecord::parse),
         })
@@ -264,8 +274,11 @@ mod tests {
             overlay_volume: "vm.qcow2".into(),
             started_at: Some(1_700_000_000),
             state: JobState::RollingBack,
-            failed_stage: Some(StageKind::Finish),
-            failure: Some("script_failed: finish script exited with status 3".into()),
+            failure: Some(Failure {
+                stage: StageKind::Finish,
+                class: ErrorClass::ScriptFailed,
+                message: "finish script exited with status 3".into(),
+            }),
             updated_at: Some(1_700_000_100),
             finish: Some(FinishRecord {
                 run: Uuid::new_v4(),

@@ -145,54 +145,10 @@ impl Pipeline {
         cx.cancel = cancel;
 
         // A rollback cut short by a crash is finished, not the job started again.
-        if let Some(failed) = interrupted_rollback(&cx).await {
-            let (outcome, failure, rolled_back) = self.fail(&cx, failed).await;
-            let result = self.result(&cx, action, &uri, Vec::new(), failure, rolled_back);
-            let data = EventData::Result(result);
-            sink.emit(
-                self.publisher
-                    .event(outcome.event_kind(), &subject, batch, "", data),
-            )
-            .await;
-            forget_rolled_back(&cx, rolled_back).await;
-            return outcome;
-        }
-
-        // While the job runs, its record in the domain stays fresh, so the reconciler can tell
-        // a slow job from an abandoned one.
-        let heartbeat = tokio::spawn(heartbeat(JobRun::new(
-            Arc::clone(&job),
-            Arc::clone(&cx.hv),
-            Arc::clone(&self.settings),
-            attempt,
-        )));
-
-        let mut timings = Vec::new();
-        let stages: &[StageKind] = match job.work {
-            Work::Provision(_) => &StageKind::PROVISION,
-            Work::Deprovision(_) => &[StageKind::Teardown],
+        let (timings, failure) = match interrupted_rollback(&cx).await {
+            Some(failed) => (Vec::new(), Some(failed)),
+            None => self.run_stages(&mut cx, sink).await,
         };
-        let mut failure = None;
-        for &stage in stages {
-            match self.stage_with_retries(stage, &mut cx, sink).await {
-                Ok(timing) => timings.push(timing),
-                Err(f) => {
-                    failure = Some(f);
-                    break;
-                }
-            }
-            if matches!(stage, StageKind::Address | StageKind::Finish) {
-                update_metadata(&cx, |meta| {
-                    meta.stage = Some(stage);
-                    if stage == StageKind::Finish {
-                        meta.state = JobState::Succeeded;
-                    }
-                })
-                .await;
-            }
-        }
-
-        heartbeat.abort();
         let (outcome, failure, rolled_back) = match failure {
             None => (Outcome::Succeeded, None, None),
             Some(f) => self.fail(&cx, f).await,
@@ -206,6 +162,50 @@ impl Pipeline {
         .await;
         forget_rolled_back(&cx, rolled_back).await;
         outcome
+    }
+
+    /// Runs the job's stages in order until one fails for good, keeping the domain's record
+    /// fresh meanwhile. Returns each finished stage's timing and the failure, if any.
+    async fn run_stages(
+        &self,
+        cx: &mut JobRun,
+        sink: &dyn EventSink,
+    ) -> (Vec<StageTiming>, Option<StageFailure>) {
+        // While the job runs, its record in the domain stays fresh, so the reconciler can tell
+        // a slow job from an abandoned one.
+        let heartbeat = tokio::spawn(heartbeat(JobRun::new(
+            Arc::clone(&cx.job),
+            Arc::clone(&cx.hv),
+            Arc::clone(&self.settings),
+            cx.attempt,
+        )));
+
+        let mut timings = Vec::new();
+        let stages: &[StageKind] = match cx.job.work {
+            Work::Provision(_) => &StageKind::PROVISION,
+            Work::Deprovision(_) => &[StageKind::Teardown],
+        };
+        let mut failure = None;
+        for &stage in stages {
+            match self.stage_with_retries(stage, cx, sink).await {
+                Ok(timing) => timings.push(timing),
+                Err(f) => {
+                    failure = Some(f);
+                    break;
+                }
+            }
+            if matches!(stage, StageKind::Address | StageKind::Finish) {
+                update_metadata(cx, |meta| {
+                    meta.stage = Some(stage);
+                    if stage == StageKind::Finish {
+                        meta.state = JobState::Succeeded;
+                    }
+                })
+                .await;
+            }
+        }
+        heartbeat.abort();
+        (timings, failure)
     }
 
     /// The libvirt URI a job's `hypervisor` stands for, or why the job cannot have it.
@@ -254,12 +254,10 @@ impl Pipeline {
         };
         // A run finishing an interrupted rollback keeps the first run's reason.
         let resumed = matches!(f.error, StageError::Interrupted { .. });
-        let why = format!("{}: {}", report.class.as_str(), report.message);
         update_metadata(cx, |meta| {
             meta.state = state;
-            meta.failed_stage = Some(f.stage);
             if !resumed {
-                meta.failure = Some(why);
+                meta.failure = Some(report.clone());
             }
         })
         .await;
@@ -339,15 +337,11 @@ async fn interrupted_rollback(cx: &JobRun) -> Option<StageFailure> {
                 && matches!(meta.state, JobState::RollingBack | JobState::RolledBack) =>
         {
             warn!("resuming an interrupted rollback");
-            let stage = meta.failed_stage.unwrap_or(StageKind::Finish);
-            // The record reads `<class>: <message>`, as `fail` wrote it.
-            let class = meta.failure.as_deref().and_then(|f| f.split_once(':'));
-            let cancelled = class.is_some_and(|(c, _)| c == ErrorClass::Cancelled.as_str());
+            let stage = meta.failure.as_ref().map_or(StageKind::Finish, |f| f.stage);
             Some(StageFailure {
                 stage,
                 error: StageError::Interrupted {
                     earlier: meta.failure,
-                    cancelled,
                 },
             })
         }

@@ -202,7 +202,6 @@ async fn define(cx: &JobRun, name: &str) -> Result<JobMetadata, StageError> {
         overlay_volume: overlay.volume.clone(),
         started_at: None,
         state: JobState::Running,
-        failed_stage: None,
         failure: None,
         updated_at: Some(now_secs()),
         finish: None,

@@ -44,13 +44,10 @@ pub enum StageError {
     /// An earlier run failed, recorded why in the domain, and died rolling back.
     #[error(
         "an earlier run of this job failed{} and began rolling back; this run finished the rollback",
-        earlier.as_deref().map(|why| format!(" ({why})")).unwrap_or_default()
+        earlier.as_ref().map(|f| format!(" ({}: {})", f.class.as_str(), f.message)).unwrap_or_default()
     )]
     Interrupted {
-        earlier: Option<String>,
-        /// The earlier run was cancelled: this one reports a cancellation too, so both
-        /// publish the same final event.
-        cancelled: bool,
+        earlier: Option<crate::events::Failure>,
     },
 }
 
@@ -117,6 +114,11 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    /// The class [`ErrorClass::as_str`] names, as the wire format spells it.
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::from(text)).ok()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorClass::LibvirtUnavailable => "libvirt_unavailable",
@@ -151,9 +153,11 @@ impl StageError {
             StageError::ScriptFailed { .. } => ErrorClass::ScriptFailed,
             StageError::Timeout(_) => ErrorClass::Timeout,
             StageError::Cancelled => ErrorClass::Cancelled,
-            StageError::Interrupted {
-                cancelled: true, ..
-            } => ErrorClass::Cancelled,
+            // A cancelled run's rollback is reported as a cancellation again: the same final
+            // event, under the same id.
+            StageError::Interrupted { earlier: Some(f) } if f.class == ErrorClass::Cancelled => {
+                ErrorClass::Cancelled
+            }
             StageError::Interrupted { .. } => ErrorClass::Interrupted,
         }
     }
