@@ -17,6 +17,7 @@ pub mod secret_user;
 pub mod sshd;
 pub mod testdriver;
 pub mod tls;
+pub mod vm_jobs;
 pub mod vmenv;
 
 use std::time::{Duration, Instant};
